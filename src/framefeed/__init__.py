@@ -1,0 +1,58 @@
+"""framefeed: fast, exact PyTorch data loading for episodic, multimodal, time-indexed datasets."""
+
+from __future__ import annotations
+
+from .catalog import Column, ColumnKind, Dataset, Segment, Timeline, TimelineKind, VideoSpan
+from .datasets import MapDataset
+from .errors import (
+    ConfigError,
+    DecodeError,
+    FormatError,
+    FramefeedError,
+    FrameTimestampError,
+    StorageError,
+)
+from .fields import (
+    Decoder,
+    Field,
+    ImageDecoder,
+    NumericDecoder,
+    TaskDecoder,
+    TextDecoder,
+    VideoFrameDecoder,
+    Window,
+)
+from .formats import open_dataset
+from .index import SampleIndex
+from .loader import collate
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Column",
+    "ColumnKind",
+    "ConfigError",
+    "Dataset",
+    "DecodeError",
+    "Decoder",
+    "Field",
+    "FormatError",
+    "FrameTimestampError",
+    "FramefeedError",
+    "ImageDecoder",
+    "MapDataset",
+    "NumericDecoder",
+    "SampleIndex",
+    "Segment",
+    "StorageError",
+    "TaskDecoder",
+    "TextDecoder",
+    "Timeline",
+    "TimelineKind",
+    "VideoFrameDecoder",
+    "VideoSpan",
+    "Window",
+    "__version__",
+    "collate",
+    "open_dataset",
+]

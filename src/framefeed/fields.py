@@ -1,0 +1,312 @@
+"""Fields: what one sample holds, declared as data.
+
+A `Field` names a column (``path``), how to decode it (``decode``) and, optionally, a `Window`
+of frames around the sample's own frame. Windows follow LeRobot's semantics exactly: positions
+outside the episode are clamped to its first or last frame, the value there is repeated, and a
+``<key>_is_pad`` mask marks them.
+
+Decoders work on whole batches. The planner hands each one a `FieldRequest` (which frames of
+which segments, already clamped) and the decoder returns either a tensor whose first dimension
+is the batch, or a list with one value per sample (``None`` for missing data). Decoders for
+video add their frame requests to the batch's `BatchIO` and return the tensor that the engine
+fills before the batch is handed out, so all cameras of a batch decode together.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import av
+import numpy as np
+import torch
+from av.video.codeccontext import VideoCodecContext
+
+from .catalog import Column, ColumnKind, Dataset
+from .errors import ConfigError, DecodeError
+from .video.engine import FrameRequest
+
+if TYPE_CHECKING:
+    from .table import ColumnStore
+
+__all__ = [
+    "BatchIO",
+    "Decoder",
+    "Field",
+    "FieldRequest",
+    "ImageDecoder",
+    "NumericDecoder",
+    "TaskDecoder",
+    "TextDecoder",
+    "VideoFrameDecoder",
+    "Window",
+]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Window:
+    """Frames around the sample, as integer ``steps`` or LeRobot-style ``seconds``.
+
+    ``Window(steps=(-1, 0))`` asks for the previous and the current frame.
+    ``Window(seconds=(-1/30, 0.0))`` does the same at 30 fps; every delta must be a multiple of
+    ``1/fps`` within ``tolerance_s`` (LeRobot's check), else `ConfigError`.
+    """
+
+    steps: tuple[int, ...] | None = None
+    """Frame offsets relative to the sample's frame."""
+    seconds: tuple[float, ...] | None = None
+    """Time offsets in seconds, converted with the dataset's fps."""
+    tolerance_s: float = 1e-4
+    """How far a ``seconds`` delta may be from a whole frame."""
+
+    def __post_init__(self) -> None:
+        if (self.steps is None) == (self.seconds is None):
+            raise ConfigError("a Window needs exactly one of steps= or seconds=")
+        values = self.steps if self.steps is not None else self.seconds
+        if not values:
+            raise ConfigError("a Window needs at least one offset")
+
+    def offsets(self, fps: float, key: str = "") -> np.ndarray:
+        """The window as int64 frame offsets."""
+        if self.steps is not None:
+            return np.asarray([int(s) for s in self.steps], dtype=np.int64)
+        assert self.seconds is not None
+        out = []
+        for delta in self.seconds:
+            frames = float(delta) * fps
+            if not math.isfinite(frames):
+                raise ConfigError(f"delta_timestamps[{key!r}]: {delta!r} is not a finite number")
+            if abs(frames - round(frames)) / fps > self.tolerance_s:
+                raise ConfigError(
+                    f"delta_timestamps[{key!r}]: {delta!r} s is not a multiple of 1/fps "
+                    f"(fps={fps:g}) within tolerance_s={self.tolerance_s:g}; use multiples of "
+                    f"{1 / fps:.6g} s"
+                )
+            out.append(round(frames))
+        return np.asarray(out, dtype=np.int64)
+
+
+@dataclass(frozen=True, eq=False)
+class FieldRequest:
+    """What a decoder must produce for one field and one batch."""
+
+    dataset: Dataset
+    column: Column | None
+    """The column (``None`` for fields that are not backed by one, such as ``task``)."""
+    key: str
+    """Output key."""
+    segments: np.ndarray
+    """(B,) segment positions."""
+    frames: np.ndarray
+    """(B, T) clamped frame numbers inside each segment (T = 1 without a window)."""
+    rows: np.ndarray
+    """(B, T) rows of those frames in the `ColumnStore`."""
+    windowed: bool
+    """Whether the field has a window (keep the T axis) or not (drop it)."""
+    store: ColumnStore
+    tolerance_s: float
+
+
+@dataclass(eq=False)
+class BatchIO:
+    """Shared I/O of one batch: video frame requests decoded together at the end."""
+
+    frames: list[FrameRequest] = field(default_factory=list)
+
+
+@runtime_checkable
+class Decoder(Protocol):
+    """Turns a `FieldRequest` into a batch tensor or a list of per-sample values."""
+
+    def columns(self, request_column: Column | None) -> Sequence[str]:
+        """Store columns this decoder reads (loaded before the first batch)."""
+        ...
+
+    def decode(self, request: FieldRequest, io: BatchIO) -> torch.Tensor | list[Any]:
+        """Values for the batch: a tensor shaped (B, [T,] ...) or a list of B values."""
+        ...
+
+
+class NumericDecoder:
+    """Numeric columns, gathered for the whole batch with one indexing operation."""
+
+    def columns(self, request_column: Column | None) -> Sequence[str]:
+        return [request_column.path] if request_column is not None else []
+
+    def decode(self, request: FieldRequest, io: BatchIO) -> torch.Tensor:
+        assert request.column is not None
+        values = request.store.get(request.column.path)
+        rows = request.rows if request.windowed else request.rows[:, 0]
+        return torch.from_numpy(values[rows])
+
+
+class TaskDecoder:
+    """The task string of each sample (from ``task_index``), as a list of ``str``."""
+
+    def __init__(self, index_column: str = "task_index") -> None:
+        self.index_column = index_column
+
+    def columns(self, request_column: Column | None) -> Sequence[str]:
+        return [self.index_column]
+
+    def decode(self, request: FieldRequest, io: BatchIO) -> list[Any]:
+        tasks = request.dataset.tasks
+        idx = request.store.get(self.index_column)[request.rows[:, 0]]
+        out: list[Any] = []
+        for i in idx.tolist():
+            out.append(tasks[i] if 0 <= i < len(tasks) else None)
+        return out
+
+
+class TextDecoder:
+    """A string column, as a list of ``str`` (``None`` where the row is null)."""
+
+    def columns(self, request_column: Column | None) -> Sequence[str]:
+        return [request_column.path] if request_column is not None else []
+
+    def decode(self, request: FieldRequest, io: BatchIO) -> list[Any]:
+        assert request.column is not None
+        arr = request.store.get(request.column.path)
+        rows = request.rows if request.windowed else request.rows[:, 0]
+        picked = arr.take(rows.reshape(-1)).to_pylist()
+        if not request.windowed:
+            return list(picked)
+        t = rows.shape[1]
+        return [picked[i * t : (i + 1) * t] for i in range(rows.shape[0])]
+
+
+class VideoFrameDecoder:
+    """Frames of a video column as uint8 (B, [T,] 3, H, W), decoded by the batch engine.
+
+    ``size=(H, W)`` resizes inside FFmpeg's scaler. A window of length 1 is squeezed to
+    (B, 3, H, W), as LeRobot does for cameras.
+    """
+
+    def __init__(self, size: tuple[int, int] | None = None) -> None:
+        self.size = size
+
+    def columns(self, request_column: Column | None) -> Sequence[str]:
+        return ["timestamp"]
+
+    def decode(self, request: FieldRequest, io: BatchIO) -> torch.Tensor:
+        col = request.column
+        assert col is not None
+        ds = request.dataset
+        height, width = self.size if self.size is not None else (col.shape[0], col.shape[1])
+        b, t = request.rows.shape
+        out = torch.empty((b, t, 3, height, width), dtype=torch.uint8)
+        flat = out.numpy().reshape(b * t, 3, height, width)
+        segs = np.repeat(request.segments, t)
+        # LeRobot queries the parquet timestamp of the (clamped) row, shifted into the file.
+        times = ds.video_from[col.path][segs] + request.store.get("timestamp")[
+            request.rows.reshape(-1)
+        ].astype(np.float64)
+        paths = ds.video_paths[col.path][segs]
+        for path in np.unique(paths).tolist():
+            sel = np.flatnonzero(paths == path)
+            io.frames.append(
+                FrameRequest(
+                    path=path,
+                    times=times[sel],
+                    out=flat,
+                    slots=sel,
+                    describe=_describer(ds, col.path, segs[sel], request.frames.reshape(-1)[sel]),
+                )
+            )
+        if not request.windowed or t == 1:
+            return out[:, 0]
+        return out
+
+
+def _describer(ds: Dataset, key: str, segs: np.ndarray, frames: np.ndarray) -> Any:
+    def describe(i: int) -> str:
+        return f"episode {int(ds.segment_ids[segs[i]])}, frame {int(frames[i])}, camera {key!r}"
+
+    return describe
+
+
+class ImageDecoder:
+    """Encoded images (PNG/JPEG bytes, one per row) as uint8 (B, [T,] 3, H, W)."""
+
+    def columns(self, request_column: Column | None) -> Sequence[str]:
+        return [request_column.path] if request_column is not None else []
+
+    def decode(self, request: FieldRequest, io: BatchIO) -> torch.Tensor:
+        col = request.column
+        assert col is not None
+        arr = request.store.get(col.path)
+        b, t = request.rows.shape
+        height, width = col.shape[0], col.shape[1]
+        out = torch.empty((b, t, 3, height, width), dtype=torch.uint8)
+        flat = out.numpy().reshape(b * t, 3, height, width)
+        for slot, row in enumerate(request.rows.reshape(-1).tolist()):
+            flat[slot] = decode_image(_image_bytes(arr, row), f"{col.path} row {row}")
+        return out if request.windowed else out[:, 0]
+
+
+def _image_bytes(arr: Any, row: int) -> bytes:
+    value = arr[row]
+    if hasattr(value, "get") or isinstance(value, dict):
+        value = value.get("bytes") if isinstance(value, dict) else value["bytes"]
+    raw = value.as_py() if hasattr(value, "as_py") else value
+    if not isinstance(raw, bytes | bytearray):
+        raise DecodeError(f"image value is {type(raw).__name__}, expected encoded bytes")
+    return bytes(raw)
+
+
+def decode_image(data: bytes, what: str) -> np.ndarray:
+    """Decode PNG or JPEG bytes to uint8 CHW RGB with FFmpeg."""
+    codec = "png" if data[:8] == b"\x89PNG\r\n\x1a\n" else "mjpeg"
+    try:
+        ctx = av.CodecContext.create(codec, "r")
+        if not isinstance(ctx, VideoCodecContext):
+            raise DecodeError(f"{what}: {codec} is not an image codec")
+        frames = ctx.decode(av.Packet(data))
+        frames += ctx.decode(None)
+    except av.FFmpegError as exc:
+        raise DecodeError(f"{what}: cannot decode the {codec} image ({exc})") from exc
+    if not frames:
+        raise DecodeError(f"{what}: the {codec} image holds no picture")
+    rgb = frames[0].to_ndarray(format="rgb24")
+    return np.ascontiguousarray(rgb.transpose(2, 0, 1))
+
+
+def default_decoder(column: Column) -> Decoder:
+    """The decoder framefeed uses for a column kind when a field names none."""
+    if column.kind is ColumnKind.VIDEO:
+        return VideoFrameDecoder()
+    if column.kind is ColumnKind.IMAGE:
+        return ImageDecoder()
+    if column.kind is ColumnKind.NUMERIC:
+        return NumericDecoder()
+    return TextDecoder()
+
+
+@dataclass(frozen=True)
+class Field:
+    """One output key of a sample.
+
+    ``Field("action", window=Window(steps=tuple(range(16))))`` gives ``action`` of shape
+    (16, D) plus ``action_is_pad``. ``decode`` defaults to the decoder of the column's kind;
+    ``key`` defaults to ``path``.
+    """
+
+    path: str
+    """Column the field reads (or a name, for decoders that need no column)."""
+    decode: Decoder | None = None
+    """Batch decoder; ``None`` picks the default for the column kind."""
+    window: Window | Sequence[int] | None = None
+    """Frames around the sample (a `Window`, or a sequence of integer steps)."""
+    key: str | None = None
+    """Output key; defaults to ``path``."""
+
+    @property
+    def out_key(self) -> str:
+        return self.key if self.key is not None else self.path
+
+    def resolved_window(self) -> Window | None:
+        if self.window is None or isinstance(self.window, Window):
+            return self.window
+        return Window(steps=tuple(int(s) for s in self.window))

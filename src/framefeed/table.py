@@ -1,0 +1,201 @@
+"""`ColumnStore`: the tabular columns of the selected segments, loaded once into arrays.
+
+A batch gathers its numeric values with one fancy-indexing operation per column, so the rows
+must be addressable in memory. The store reads only the columns that fields ask for, and only
+the row groups of the selected episodes when the file has one row group per episode (as
+LeRobot writes it); otherwise it reads the file and filters rows by ``episode_index``. Every
+read is checked: the rows must carry the expected episode and consecutive frame numbers.
+
+Numeric columns become numpy arrays with LeRobot's output dtypes (every float as float32,
+every integer as int64, bools as bool; a ``(1,)`` feature becomes a scalar per row). Image and
+text columns stay Arrow arrays.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .catalog import Column, ColumnKind, Dataset
+from .errors import FormatError
+
+__all__ = ["ColumnStore", "arrow_to_numpy"]
+
+_CHECK = ("episode_index", "frame_index")
+
+
+class ColumnStore:
+    """Columns of the segments at ``positions`` (sorted), addressed by store row."""
+
+    def __init__(self, dataset: Dataset, positions: np.ndarray) -> None:
+        self.dataset = dataset
+        self.positions = np.asarray(positions, dtype=np.int64)
+        lengths = dataset.lengths[self.positions]
+        self.starts = np.full(dataset.num_segments, -1, dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(lengths) else lengths
+        self.starts[self.positions] = offsets
+        self.num_rows = int(lengths.sum())
+        self._arrays: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_arrays"] = {}  # reloaded on first use in the new process
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(getattr(a, "nbytes", 0)) for a in self._arrays.values())
+
+    def rows(self, positions: np.ndarray, frames: np.ndarray) -> np.ndarray:
+        """Store rows of ``(segment position, frame)`` pairs (any matching shapes)."""
+        rows: np.ndarray = self.starts[positions] + frames
+        return rows
+
+    def get(self, path: str) -> Any:
+        """The array of column ``path`` (loaded on first use)."""
+        arr = self._arrays.get(path)
+        if arr is None:
+            self.load([path])
+            arr = self._arrays[path]
+        return arr
+
+    def load(self, paths: Iterable[str]) -> None:
+        """Load the named columns for every selected segment, with one pass over the files."""
+        with self._lock:
+            todo = [p for p in dict.fromkeys(paths) if p not in self._arrays]
+            if not todo:
+                return
+            columns = [self.dataset.column(p) for p in todo]
+            parts: dict[str, list[Any]] = {p: [] for p in todo}
+            by_file: dict[str, list[int]] = defaultdict(list)
+            for pos in self.positions.tolist():
+                by_file[str(self.dataset.data_paths[pos])].append(pos)
+            # Files in the order of their first selected segment, so rows come out in store order.
+            for rel, members in sorted(by_file.items(), key=lambda kv: kv[1][0]):
+                table = self._read(rel, members, todo)
+                for p in todo:
+                    parts[p].append(table.column(p))
+            for col in columns:
+                chunks = pa.chunked_array(
+                    [c for part in parts[col.path] for c in part.chunks],
+                    type=parts[col.path][0].type if parts[col.path] else None,
+                )
+                self._arrays[col.path] = _convert(chunks, col, self.num_rows)
+
+    def _read(self, rel: str, members: list[int], names: list[str]) -> pa.Table:
+        ds = self.dataset
+        where = ds.storage.url(rel)
+        try:
+            with ds.storage.open(rel) as fh:
+                pf = pq.ParquetFile(fh)
+                have = pf.schema_arrow.names
+                missing = [n for n in [*names, *_CHECK] if n not in have]
+                if missing:
+                    raise FormatError(
+                        f"{where}: column {missing[0]!r} is named in meta/info.json but is not "
+                        f"in this data file (columns: {have})"
+                    )
+                wanted = list(dict.fromkeys([*names, *_CHECK]))
+                table = self._read_rows(pf, members, wanted)
+        except (pa.ArrowException, OSError) as exc:
+            raise FormatError(f"{where}: unreadable parquet ({exc})") from exc
+        self._check(table, members, where)
+        return table
+
+    def _read_rows(self, pf: pq.ParquetFile, members: list[int], wanted: list[str]) -> pa.Table:
+        """Rows of ``members``: by row group when the file has one per episode, else filtered."""
+        ds = self.dataset
+        meta = pf.metadata
+        groups = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+        rel = str(ds.data_paths[members[0]])
+        in_file = np.flatnonzero(ds.data_paths == rel)
+        if groups == ds.lengths[in_file].tolist():
+            slot = {int(p): i for i, p in enumerate(in_file.tolist())}
+            return pf.read_row_groups([slot[p] for p in members], columns=wanted)
+        table = pf.read(columns=wanted)
+        ids = pa.array(ds.segment_ids[members])
+        return table.filter(pc.is_in(table.column("episode_index"), value_set=ids))
+
+    def _check(self, table: pa.Table, members: list[int], where: str) -> None:
+        ds = self.dataset
+        lengths = ds.lengths[members]
+        episodes = np.asarray(table.column("episode_index").to_numpy(), dtype=np.int64)
+        frames = np.asarray(table.column("frame_index").to_numpy(), dtype=np.int64)
+        expect_ep = np.repeat(ds.segment_ids[members], lengths)
+        if episodes.shape != expect_ep.shape or not np.array_equal(episodes, expect_ep):
+            got = np.unique(episodes).tolist()[:10]
+            raise FormatError(
+                f"{where}: expected {int(lengths.sum())} rows of episodes "
+                f"{ds.segment_ids[members].tolist()[:10]} in order, found {len(episodes)} rows of "
+                f"episodes {got}; the data file does not match meta/episodes"
+            )
+        starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
+        expect_frames = np.arange(len(frames)) - starts
+        if not np.array_equal(frames, expect_frames):
+            bad = int(np.flatnonzero(frames != expect_frames)[0])
+            raise FormatError(
+                f"{where}: episode {int(episodes[bad])}: frame_index is not 0..length-1 in order "
+                f"(row {bad} has {int(frames[bad])}, expected {int(expect_frames[bad])})"
+            )
+
+
+def _convert(chunks: pa.ChunkedArray, col: Column, num_rows: int) -> Any:
+    if col.kind is not ColumnKind.NUMERIC:
+        return chunks.combine_chunks() if chunks.num_chunks != 1 else chunks.chunk(0)
+    arr = arrow_to_numpy(chunks, col)
+    if arr.shape[0] != num_rows:
+        raise FormatError(f"column {col.path!r}: expected {num_rows} rows, got {arr.shape[0]}")
+    return arr
+
+
+def _out_dtype(dtype: np.dtype[Any]) -> np.dtype[Any]:
+    if dtype.kind == "f":
+        return np.dtype(np.float32)
+    if dtype.kind in "iu":
+        return np.dtype(np.int64)
+    if dtype.kind == "b":
+        return np.dtype(np.bool_)
+    raise FormatError(f"unsupported numeric dtype {dtype}")
+
+
+def arrow_to_numpy(chunks: pa.ChunkedArray | pa.Array, col: Column) -> np.ndarray:
+    """A numeric column as ``(rows, *shape)`` numpy with LeRobot's output dtypes.
+
+    Scalars (shape ``(1,)``) become ``(rows,)``. Fixed-size and variable lists and HF ``ArrayND``
+    extension types are flattened; every row must hold ``prod(shape)`` values.
+    """
+    arr = chunks.combine_chunks() if isinstance(chunks, pa.ChunkedArray) else chunks
+    if isinstance(arr.type, pa.ExtensionType):
+        arr = arr.storage
+    n = len(arr)
+    if arr.null_count:
+        raise FormatError(f"column {col.path!r}: {arr.null_count} null values")
+    while _is_list(arr.type):
+        arr = arr.flatten()
+    values = arr.to_numpy(zero_copy_only=False)
+    shape = tuple(col.shape)
+    per_row = int(np.prod(shape)) if shape else 1
+    if values.shape[0] != n * per_row:
+        raise FormatError(
+            f"column {col.path!r}: expected {per_row} values per row (shape {list(shape)}), found "
+            f"{values.shape[0]} values in {n} rows"
+        )
+    out_shape = (n,) if shape in ((1,), ()) else (n, *shape)
+    return np.ascontiguousarray(values.reshape(out_shape), dtype=_out_dtype(values.dtype))
+
+
+def _is_list(t: pa.DataType) -> bool:
+    return bool(pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t))

@@ -1,0 +1,255 @@
+"""The batch video engine: plan all frames a batch needs, decode each one once.
+
+For every file a batch touches, the engine locates the requested times in the file's packet
+index (strict tolerance check), sorts the distinct target frames in decode order, and merges
+them into *runs*: a run starts at a target's anchor keyframe and continues through later
+targets whose anchor it has already passed, so a GOP shared by several targets is decoded once.
+Runs are independent, so they are spread over threads, each with its own decoder checked out of
+the per-process `DecoderCache` (PyAV releases the GIL while decoding and scaling).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import DecodeError, FramefeedError
+from ..storage import Storage
+from .cache import _INHERITED, DecoderCache
+from .decoder import FrameDecoder
+from .index import VideoIndex
+
+__all__ = ["EngineStats", "FrameRequest", "VideoEngine"]
+
+
+@dataclass(frozen=True, eq=False)
+class FrameRequest:
+    """Frames wanted from one file: ``times[i]`` (seconds in the file) goes to ``out[slots[i]]``."""
+
+    path: str
+    """File relative to the engine's storage root."""
+    times: np.ndarray
+    """float64 seconds, shape (N,)."""
+    out: np.ndarray
+    """uint8 destination, shape (M, 3, H, W); H, W other than the video's mean a resize."""
+    slots: np.ndarray | None = None
+    """Row of ``out`` for each time (default: ``out[i]`` for ``times[i]``)."""
+    describe: Callable[[int], str] | None = None
+    """Names the sample behind ``times[i]`` in error messages (episode, camera)."""
+
+
+@dataclass
+class EngineStats:
+    """Counters of one engine (per process)."""
+
+    frames_returned: int = 0
+    frames_decoded: int = 0
+    bytes_read: int = 0
+    index_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "frames_returned": self.frames_returned,
+            "frames_decoded": self.frames_decoded,
+            "bytes_read": self.bytes_read,
+            "index_seconds": self.index_seconds,
+            "decode_seconds": self.decode_seconds,
+        }
+
+
+@dataclass(frozen=True, eq=False)
+class _Task:
+    request: FrameRequest
+    index: VideoIndex
+    runs: list[tuple[int, int]]
+    wanted: dict[int, list[np.ndarray]]
+    cost: int
+
+
+class VideoEngine:
+    """Decodes the frames of many `FrameRequest`s with sorted, keyframe-anchored runs.
+
+    ``threads`` decoders run at once (1 decodes inline in the caller's thread);
+    ``codec_threads`` are FFmpeg's own threads per decoder (1 is best for random access).
+    """
+
+    def __init__(
+        self,
+        storage: Storage,
+        *,
+        threads: int = 1,
+        codec_threads: int = 1,
+        cache: DecoderCache | None = None,
+    ) -> None:
+        if threads < 1 or codec_threads < 1:
+            raise ValueError("threads and codec_threads must be at least 1")
+        self.storage = storage
+        self.threads = threads
+        self.codec_threads = codec_threads
+        self.cache = cache if cache is not None else DecoderCache()
+        self.stats = EngineStats()
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_pid = os.getpid()
+
+    def __getstate__(self) -> dict[str, object]:
+        state = self.__dict__.copy()
+        state.update(
+            _pool=None,
+            stats=EngineStats(),
+            cache=DecoderCache(
+                max_decoders=self.cache.max_decoders, max_bytes=self.cache.max_bytes
+            ),
+        )
+        return state
+
+    def close(self) -> None:
+        """Stop the thread pool and close cached decoders (idempotent)."""
+        if self._pool is not None and self._pool_pid == os.getpid():
+            self._pool.shutdown(wait=True)
+        self._pool = None
+        self.cache.clear()
+
+    def __enter__(self) -> VideoEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def index(self, path: str) -> VideoIndex:
+        """The packet index of ``path`` (cached)."""
+
+        def build() -> VideoIndex:
+            t0 = time.perf_counter()
+            with self.storage.open(path) as fh:
+                built = VideoIndex.from_file(fh, self.storage.url(path))
+            with self.stats.lock:
+                self.stats.index_seconds += time.perf_counter() - t0
+            return built
+
+        return self.cache.index(path, build)
+
+    def decode(self, requests: Sequence[FrameRequest], *, tolerance_s: float) -> None:
+        """Fill every request's ``out`` with its frames; raises `DecodeError` naming the file."""
+        tasks: list[_Task] = []
+        for request in requests:
+            if len(request.times):
+                tasks.extend(self._plan(request, tolerance_s))
+        if not tasks:
+            return
+        tasks.sort(key=lambda t: -t.cost)
+        if self.threads == 1 or len(tasks) == 1:
+            results = [self._run(t) for t in tasks]
+        else:
+            pool = self._executor()
+            futures: list[Future[set[int]]] = [pool.submit(self._run, t) for t in tasks]
+            results = [f.result() for f in futures]
+        for task, done in zip(tasks, results, strict=True):
+            missing = set(task.wanted) - done
+            if missing:
+                pts = min(missing)
+                raise DecodeError(
+                    f"{task.index.path}: the decoder produced no frame with pts {pts} "
+                    f"(t={pts * float(task.index.time_base):.6f} s); the file is corrupt or its "
+                    "keyframe flags are wrong"
+                )
+
+    def _executor(self) -> ThreadPoolExecutor:
+        if self._pool is not None and self._pool_pid != os.getpid():
+            _INHERITED.append(self._pool)  # the parent's threads do not exist here
+            self._pool = None
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="framefeed-decode")
+            self._pool_pid = os.getpid()
+        return self._pool
+
+    def _plan(self, request: FrameRequest, tolerance_s: float) -> list[_Task]:
+        index = self.index(request.path)
+        out = request.out
+        if out.ndim != 4 or out.shape[1] != 3 or out.dtype != np.uint8:
+            raise ValueError(f"out must be uint8 (N, 3, H, W), got {out.dtype} {out.shape}")
+        packets = index.locate(request.times, tolerance_s, request.describe)
+        wanted: dict[int, list[np.ndarray]] = {}
+        slots = request.slots if request.slots is not None else np.arange(len(packets))
+        if len(slots) != len(packets):
+            raise ValueError("slots and times must have the same length")
+        for slot, packet in zip(slots.tolist(), packets.tolist(), strict=True):
+            wanted.setdefault(int(index.pts[packet]), []).append(out[slot])
+        runs: list[tuple[int, int]] = []
+        for target in np.unique(packets).tolist():
+            anchor = index.anchor(target)
+            if runs and anchor <= runs[-1][1]:
+                runs[-1] = (runs[-1][0], target)
+            else:
+                runs.append((anchor, target))
+        groups = _split(runs, self.threads)
+        tasks = []
+        for group in groups:
+            pts_in = {
+                int(p)
+                for first, last in group
+                for p in index.pts[first : last + 1].tolist()
+                if int(p) in wanted
+            }
+            tasks.append(
+                _Task(
+                    request=request,
+                    index=index,
+                    runs=group,
+                    wanted={p: wanted[p] for p in pts_in},
+                    cost=sum(last - first + 1 for first, last in group),
+                )
+            )
+        return tasks
+
+    def _run(self, task: _Task) -> set[int]:
+        path = task.request.path
+        out = task.request.out
+        size = None
+        if (out.shape[2], out.shape[3]) != (task.index.height, task.index.width):
+            size = (int(out.shape[2]), int(out.shape[3]))
+        t0 = time.perf_counter()
+        decoder = self.cache.checkout(
+            path,
+            lambda: FrameDecoder(task.index, self.storage.open(path), threads=self.codec_threads),
+        )
+        before = decoder.bytes_read
+        try:
+            produced, done = decoder.decode_runs(task.runs, task.wanted, size=size)
+        except FramefeedError:
+            decoder.close()
+            raise
+        self.cache.checkin(path, decoder)
+        with self.stats.lock:
+            self.stats.frames_decoded += produced
+            self.stats.frames_returned += sum(len(v) for p, v in task.wanted.items() if p in done)
+            self.stats.bytes_read += decoder.bytes_read - before
+            self.stats.decode_seconds += time.perf_counter() - t0
+        return done
+
+
+def _split(runs: list[tuple[int, int]], parts: int) -> list[list[tuple[int, int]]]:
+    """Split runs (kept in decode order) into at most ``parts`` groups of similar packet count."""
+    if parts <= 1 or len(runs) <= 1:
+        return [runs]
+    costs = np.array([last - first + 1 for first, last in runs], dtype=np.int64)
+    bounds = np.cumsum(costs)
+    total = int(bounds[-1])
+    cuts = np.searchsorted(bounds, [total * k / parts for k in range(1, parts)], side="left")
+    groups: list[list[tuple[int, int]]] = []
+    start = 0
+    for cut in [*cuts.tolist(), len(runs) - 1]:
+        stop = min(int(cut) + 1, len(runs))
+        if stop > start:
+            groups.append(runs[start:stop])
+            start = stop
+    if start < len(runs):
+        groups.append(runs[start:])
+    return groups
