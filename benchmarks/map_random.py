@@ -5,13 +5,18 @@ The dataset: LeRobot v3, 2 cameras (640x480 and 320x240, AV1 g=2 crf 30, texture
 fixed seed, batch 32, ``num_workers=0``. For each configuration the program measures
 
 * ``framefeed``: a torch DataLoader over `framefeed.MapDataset` (``collate_fn=framefeed.collate``);
-* ``ceiling``: a loop that only seeks and decodes, with PyAV, exactly the frames the same
-  samples need (containers kept open, targets sorted per batch and file, decoding forward
-  inside a GOP, one reused RGB converter), and nothing else;
+* ``ceiling``: decode only. The packets of every file are read into memory before timing;
+  for each batch the exact frames the same samples need are sorted per file and decoded with
+  PyAV by feeding packets from the keyframe to the target and draining, then converted to RGB
+  by one reused converter. One thread, nothing else: no metadata, no numeric columns, no
+  tensors, no I/O;
+* ``pyav_seek``: the usual PyAV loop for the same frames (container seek to the keyframe,
+  decode forward, sorted targets, open containers), for context;
 
-and prints JSON records with samples/s and the ratio framefeed / ceiling. Rounds alternate
-between the two so that machine noise hits both; ``external_cpu_cores`` reports what other
-processes used during each run.
+and prints JSON records with samples/s and the ratios. framefeed runs with one decode thread
+(the like-for-like overhead measure) and with its default threads. Rounds interleave all runs
+so that machine noise hits each; ``external_cpu_cores`` is the most CPU that other processes
+used during any timed run.
 
 Run: ``python benchmarks/map_random.py [--root DIR] [--batches N] [--rounds R]``.
 """
@@ -75,8 +80,8 @@ def _measure(run: Callable[[], int]) -> dict[str, float]:
     return {"samples_per_s": samples / wall, "seconds": wall, "external_cpu_cores": external / wall}
 
 
-class Ceiling:
-    """Seek-and-decode with plain PyAV: the frames, nothing else."""
+class _Targets:
+    """The (file, pts) pairs a batch of samples needs, computed from metadata alone."""
 
     def __init__(self, ds: framefeed.Dataset, deltas: dict[str, list[float]] | None) -> None:
         self.ds = ds
@@ -84,94 +89,160 @@ class Ceiling:
             key: np.rint(np.asarray((deltas or {}).get(key, [0.0])) * ds.fps).astype(np.int64)
             for key in ds.video_keys
         }
-        self.containers: dict[str, Any] = {}
-        self.keyframes: dict[str, np.ndarray] = {}
-        self.position: dict[str, int] = {}
-        self.scaler = VideoReformatter()
+        self.time_base: dict[str, float] = {}
         for key in ds.video_keys:
             for path in set(ds.video_paths[key].tolist()):
-                container = av.open(ds.storage.url(path))
-                stream = container.streams.video[0]
-                # Keyframe table, read once outside the timed loop (a PyAV user would cache it too).
-                keys = [p.pts for p in container.demux(stream) if p.size and p.is_keyframe]
-                self.keyframes[path] = np.asarray(sorted(keys), dtype=np.int64)
-                container.seek(0, stream=stream)
-                self.containers[path] = container
-                self.position[path] = -1
+                with av.open(ds.storage.url(path)) as container:
+                    self.time_base[path] = float(container.streams.video[0].time_base)
 
-    def batch(self, positions: np.ndarray, frames: np.ndarray) -> int:
+    def __call__(self, positions: np.ndarray, frames: np.ndarray) -> dict[str, list[int]]:
         wanted: dict[str, set[int]] = {}
+        lengths = self.ds.lengths[positions][:, None]
         for key in self.ds.video_keys:
-            lengths = self.ds.lengths[positions][:, None]
             clamped = np.clip(frames[:, None] + self.offsets[key][None, :], 0, lengths - 1)
             times = self.ds.video_from[key][positions][:, None] + clamped / self.ds.fps
-            paths = self.ds.video_paths[key][positions]
-            for row, path in enumerate(paths.tolist()):
-                stream = self.containers[path].streams.video[0]
-                ticks = np.rint(times[row] / float(stream.time_base)).astype(np.int64)
+            for row, path in enumerate(self.ds.video_paths[key][positions].tolist()):
+                ticks = np.rint(times[row] / self.time_base[path]).astype(np.int64)
                 wanted.setdefault(path, set()).update(ticks.tolist())
+        return {path: sorted(t) for path, t in wanted.items()}
+
+
+class Ceiling:
+    """Decode only: packets already in memory, fed from the keyframe to each target, drained.
+
+    Targets are sorted per file; a target reachable from the previous one without passing a
+    keyframe continues the same pass. One reused RGB converter, one thread, nothing else.
+    """
+
+    def __init__(self, ds: framefeed.Dataset, targets: _Targets) -> None:
+        self.targets = targets
+        self.packets: dict[str, list[Any]] = {}
+        self.pts: dict[str, np.ndarray] = {}
+        self.keys: dict[str, np.ndarray] = {}
+        self.codecs: dict[str, Any] = {}
+        self.scaler = VideoReformatter()
+        for path in targets.time_base:
+            with av.open(ds.storage.url(path)) as container:
+                stream = container.streams.video[0]
+                packets = [p for p in container.demux(stream) if p.size]
+                self.codecs[path] = av.CodecContext.create(stream.codec_context.codec.name, "r")
+                if stream.codec_context.extradata:
+                    self.codecs[path].extradata = stream.codec_context.extradata
+                self.codecs[path].thread_count = 1
+            self.packets[path] = [(bytes(p), p.pts, p.dts) for p in packets]
+            self.pts[path] = np.asarray([p.pts for p in packets], dtype=np.int64)
+            self.keys[path] = np.flatnonzero([p.is_keyframe for p in packets])
+
+    def batch(self, positions: np.ndarray, frames: np.ndarray) -> int:
         got = 0
-        for path, targets in wanted.items():
-            for target in sorted(targets):
-                got += self._decode(path, target)
+        for path, targets in self.targets(positions, frames).items():
+            got += self._decode_file(path, targets)
         return got
 
-    def _decode(self, path: str, target: int) -> int:
-        container = self.containers[path]
-        stream = container.streams.video[0]
-        keys = self.keyframes[path]
-        anchor = int(keys[np.searchsorted(keys, target, side="right") - 1])
-        if not (anchor <= self.position[path] < target):
-            container.seek(anchor, stream=stream, backward=True)
-        for frame in container.decode(stream):
-            self.position[path] = frame.pts
-            if frame.pts >= target:
-                rgb = self.scaler.reformat(frame, format="rgb24")
-                rgb.to_ndarray()
-                return 1
-        raise RuntimeError(f"{path}: no frame at pts {target}")
+    def _decode_file(self, path: str, targets: list[int]) -> int:
+        ctx, packets, pts, keys = (
+            self.codecs[path],
+            self.packets[path],
+            self.pts[path],
+            self.keys[path],
+        )
+        pending = set(targets)
+        fed = -1
+        got = 0
+        for target in targets:
+            at = int(np.flatnonzero(pts == target)[0])
+            anchor = int(keys[np.searchsorted(keys, at, side="right") - 1])
+            if anchor > fed:  # a keyframe lies between: drain and start again from it
+                got += self._drain(ctx, pending)
+                fed = anchor - 1
+            for data, p_pts, p_dts in packets[fed + 1 : at + 1]:
+                packet = av.Packet(data)
+                packet.pts, packet.dts = p_pts, p_dts
+                got += self._take(ctx.decode(packet), pending)
+            fed = max(fed, at)
+        return got + self._drain(ctx, pending)
+
+    def _drain(self, ctx: Any, pending: set[int]) -> int:
+        got = self._take(ctx.decode(None), pending)
+        ctx.flush_buffers()
+        return got
+
+    def _take(self, decoded: list[Any], pending: set[int]) -> int:
+        got = 0
+        for frame in decoded:
+            if frame.pts in pending:
+                pending.discard(frame.pts)
+                self.scaler.reformat(frame, format="rgb24").to_ndarray()
+                got += 1
+        return got
+
+
+class PyAVSeek:
+    """The usual PyAV loop: seek the container to the keyframe, decode up to the target."""
+
+    def __init__(self, ds: framefeed.Dataset, targets: _Targets) -> None:
+        self.targets = targets
+        self.containers = {p: av.open(ds.storage.url(p)) for p in targets.time_base}
+        self.position = dict.fromkeys(self.containers, -1)
+        self.keys: dict[str, np.ndarray] = {}
+        for path, container in self.containers.items():
+            stream = container.streams.video[0]
+            keys = [p.pts for p in container.demux(stream) if p.size and p.is_keyframe]
+            self.keys[path] = np.asarray(sorted(keys), dtype=np.int64)
+            container.seek(0, stream=stream)
+        self.scaler = VideoReformatter()
+
+    def batch(self, positions: np.ndarray, frames: np.ndarray) -> int:
+        got = 0
+        for path, targets in self.targets(positions, frames).items():
+            container = self.containers[path]
+            stream = container.streams.video[0]
+            keys = self.keys[path]
+            for target in targets:
+                anchor = int(keys[np.searchsorted(keys, target, side="right") - 1])
+                if not (anchor <= self.position[path] < target):
+                    container.seek(anchor, stream=stream, backward=True)
+                for frame in container.decode(stream):
+                    self.position[path] = frame.pts
+                    if frame.pts >= target:
+                        self.scaler.reformat(frame, format="rgb24").to_ndarray()
+                        got += 1
+                        break
+        return got
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--root",
-        default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "framefeed-bench", "map2cam"),
-    )
+    default_root = os.path.join(os.environ.get("TMPDIR", "/tmp"), "framefeed-bench", "map2cam")
+    parser.add_argument("--root", default=default_root, help="dataset folder (written if absent)")
     parser.add_argument("--batches", type=int, default=30, help="batches per timed run")
-    parser.add_argument(
-        "--rounds", type=int, default=3, help="alternating rounds per configuration"
-    )
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds per configuration")
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args()
     if not os.path.exists(os.path.join(args.root, "meta", "info.json")):
         t0 = time.perf_counter()
         write_lerobot_dataset(args.root, CONFIG, progress=True, overwrite=True)
-        print(
-            json.dumps({"bench": "map_random.write", "seconds": round(time.perf_counter() - t0, 1)})
-        )
+        _emit(bench="map_random.write", seconds=round(time.perf_counter() - t0, 1))
     ds = framefeed.open_dataset(args.root)
-    print(
-        json.dumps(
-            {
-                "bench": "map_random.dataset",
-                "root": args.root,
-                "episodes": ds.num_segments,
-                "frames": ds.num_frames,
-            }
-        )
+    _emit(
+        bench="map_random.dataset", root=args.root, episodes=ds.num_segments, frames=ds.num_frames
     )
     n = args.batches * args.batch_size
+    index = framefeed.SampleIndex.from_dataset(ds)
     for label, deltas in (("none", None), ("chunk", CHUNK)):
-        for threads in (1, None):
-            results: dict[str, list[dict[str, float]]] = {"framefeed": [], "ceiling": []}
-            for rnd in range(args.rounds + 1):  # round 0 is the warm-up
-                order = torch.randperm(
-                    len(ds.segment_ids) and ds.num_frames,
-                    generator=torch.Generator().manual_seed(rnd),
-                )[:n]
+        targets = _Targets(ds, deltas)
+        baselines = {"ceiling": Ceiling(ds, targets), "pyav_seek": PyAVSeek(ds, targets)}
+        runs: dict[str, list[dict[str, float]]] = {}
+        for rnd in range(args.rounds + 1):  # round 0 warms caches up and is not reported
+            gen = torch.Generator().manual_seed(rnd)
+            order = torch.randperm(ds.num_frames, generator=gen)[:n].numpy()
+            for name, baseline in baselines.items():
+                runs.setdefault(name, []).append(
+                    _measure(_baseline_run(baseline, index, order, args.batch_size))
+                )
+            for threads in (1, None):
                 mapds = framefeed.MapDataset(ds, delta_timestamps=deltas, decode_threads=threads)
                 loader = DataLoader(
                     mapds,
@@ -180,52 +251,55 @@ def main() -> None:
                     num_workers=0,
                     collate_fn=framefeed.collate,
                 )
-
-                def run_framefeed() -> int:
-                    count = 0
-                    for batch in loader:
-                        count += len(batch["index"])
-                    return count
-
-                ceiling = Ceiling(ds, deltas)
-
-                def run_ceiling() -> int:
-                    idx = framefeed.SampleIndex.from_dataset(ds)
-                    count = 0
-                    for start in range(0, n, args.batch_size):
-                        positions, frames = idx.locate(
-                            order[start : start + args.batch_size].numpy()
-                        )
-                        ceiling.batch(positions, frames)
-                        count += len(positions)
-                    return count
-
-                ff = _measure(run_framefeed)
-                ce = _measure(run_ceiling)
+                name = f"framefeed_threads_{threads or 'auto'}"
+                runs.setdefault(name, []).append(_measure(_loader_run(loader)))
                 mapds.close()
-                if rnd:
-                    results["framefeed"].append(ff)
-                    results["ceiling"].append(ce)
-            ff_rate = statistics.median(r["samples_per_s"] for r in results["framefeed"])
-            ce_rate = statistics.median(r["samples_per_s"] for r in results["ceiling"])
-            print(
-                json.dumps(
-                    {
-                        "bench": "map_random",
-                        "delta": label,
-                        "decode_threads": threads or "auto",
-                        "batch_size": args.batch_size,
-                        "num_workers": 0,
-                        "samples": n,
-                        "framefeed_samples_per_s": round(ff_rate, 1),
-                        "ceiling_samples_per_s": round(ce_rate, 1),
-                        "ratio": round(ff_rate / ce_rate, 3),
-                        "external_cpu_cores": round(
-                            max(r["external_cpu_cores"] for v in results.values() for r in v), 2
-                        ),
-                    }
-                )
+        rates = {k: statistics.median(r["samples_per_s"] for r in v[1:]) for k, v in runs.items()}
+        external = max(r["external_cpu_cores"] for v in runs.values() for r in v[1:])
+        for threads in ("1", "auto"):
+            ff = rates[f"framefeed_threads_{threads}"]
+            _emit(
+                bench="map_random",
+                delta=label,
+                decode_threads=threads,
+                batch_size=args.batch_size,
+                num_workers=0,
+                samples=n,
+                framefeed_samples_per_s=round(ff, 1),
+                ceiling_samples_per_s=round(rates["ceiling"], 1),
+                pyav_seek_samples_per_s=round(rates["pyav_seek"], 1),
+                ratio_vs_ceiling=round(ff / rates["ceiling"], 3),
+                ratio_vs_pyav_seek=round(ff / rates["pyav_seek"], 3),
+                external_cpu_cores=round(external, 2),
             )
+
+
+def _emit(**record: Any) -> None:
+    print(json.dumps(record), flush=True)
+
+
+def _loader_run(loader: DataLoader[Any]) -> Callable[[], int]:
+    def run() -> int:
+        count = 0
+        for batch in loader:
+            count += len(batch["index"])
+        return count
+
+    return run
+
+
+def _baseline_run(
+    baseline: Ceiling | PyAVSeek, index: framefeed.SampleIndex, order: np.ndarray, batch_size: int
+) -> Callable[[], int]:
+    def run() -> int:
+        count = 0
+        for start in range(0, len(order), batch_size):
+            positions, frames = index.locate(order[start : start + batch_size])
+            baseline.batch(positions, frames)
+            count += len(positions)
+        return count
+
+    return run
 
 
 if __name__ == "__main__":

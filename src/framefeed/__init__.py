@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .catalog import Column, ColumnKind, Dataset, Segment, Timeline, TimelineKind, VideoSpan
-from .datasets import MapDataset
+from .datasets import IterableDataset, MapDataset, merge_worker_states
 from .errors import (
     ConfigError,
     DecodeError,
@@ -40,6 +40,7 @@ __all__ = [
     "FrameTimestampError",
     "FramefeedError",
     "ImageDecoder",
+    "IterableDataset",
     "MapDataset",
     "NumericDecoder",
     "SampleIndex",
@@ -54,5 +55,6 @@ __all__ = [
     "Window",
     "__version__",
     "collate",
+    "merge_worker_states",
     "open_dataset",
 ]

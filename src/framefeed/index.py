@@ -78,10 +78,12 @@ class SampleIndex:
             indices if isinstance(indices, np.ndarray) else list(indices), dtype=np.int64
         )
         n = len(self)
-        idx = np.where(idx < 0, idx + n, idx)
-        if idx.size and (idx.min() < 0 or idx.max() >= n):
-            bad = int(idx[(idx < 0) | (idx >= n)][0])
+        wrapped = np.where(idx < 0, idx + n, idx)
+        outside = (wrapped < 0) | (wrapped >= n)
+        if outside.any():
+            bad = int(idx[outside][0])
             raise IndexError(f"sample {bad} out of range for an index of {n} samples")
+        idx = wrapped
         slot = np.searchsorted(self.offsets, idx, side="right") - 1
         return self.segments[slot], idx - self.offsets[slot]
 

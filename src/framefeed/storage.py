@@ -12,33 +12,87 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import random
+import re
+import threading
+import time
+from dataclasses import dataclass
 from typing import IO, Any
 
 from .errors import StorageError
 
-__all__ = ["Storage"]
+__all__ = ["RangeReader", "RetryPolicy", "Storage", "redact"]
 
 
 def _is_url(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
 
 
+_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][\w+.-]*://)[^/@\s]+@")
+_SECRET_PARAMS = re.compile(
+    r"(?i)((?:X-Amz-Signature|X-Amz-Credential|X-Amz-Security-Token|Signature|sig|token|"
+    r"access_key|secret|password)=)[^&\s]+"
+)
+
+
+def redact(text: str) -> str:
+    """``text`` with credentials in URLs (``user:secret@``, signed query parameters) removed."""
+    return _SECRET_PARAMS.sub(r"\1***", _CREDENTIALS.sub(r"\g<scheme>***@", text))
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetryPolicy:
+    """How remote reads retry transient failures (5xx, throttling, resets, timeouts)."""
+
+    attempts: int = 6
+    """Tries in all, the first included."""
+    base_delay_s: float = 0.05
+    """Delay before the first retry; doubles each time (plus full jitter)."""
+    max_delay_s: float = 4.0
+    """Upper bound of one delay."""
+    max_concurrency: int = 16
+    """Remote range reads in flight at once, per process."""
+
+
+_TRANSIENT_TEXT = re.compile(
+    r"(?i)(\b5\d\d\b|slow ?down|throttl|reset|timed? ?out|timeout|temporar|unavailable|"
+    r"connection|broken pipe|too many requests|\b429\b)"
+)
+
+
+def _transient(exc: BaseException) -> bool:
+    if isinstance(exc, FileNotFoundError | PermissionError | IsADirectoryError):
+        return False
+    if isinstance(exc, ConnectionError | TimeoutError):
+        return True
+    return bool(_TRANSIENT_TEXT.search(f"{type(exc).__name__} {exc}"))
+
+
 class Storage:
     """Read access to the files under one root (a local folder or an fsspec URL)."""
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    def __init__(self, root: str | os.PathLike[str], *, retry: RetryPolicy | None = None) -> None:
+        self.retry = retry if retry is not None else RetryPolicy()
         root_s = os.fspath(root)
         if root_s.startswith("file://"):
             root_s = root_s[len("file://") :]
         self.root: str = root_s.rstrip("/") if _is_url(root_s) else os.path.abspath(root_s)
         self.is_local: bool = not _is_url(self.root)
         self._fs: Any = None
+        self._gate = threading.BoundedSemaphore(self.retry.max_concurrency)
+        self.stats = {"range_reads": 0, "bytes_read": 0, "retries": 0}
 
     def __repr__(self) -> str:
-        return f"Storage({self.root!r})"
+        return f"Storage({redact(self.root)!r})"
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"root": self.root, "is_local": self.is_local, "_fs": None}
+        return {"root": self.root, "is_local": self.is_local, "retry": self.retry}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._fs = None
+        self._gate = threading.BoundedSemaphore(self.retry.max_concurrency)
+        self.stats = {"range_reads": 0, "bytes_read": 0, "retries": 0}
 
     @property
     def fs(self) -> Any:
@@ -83,6 +137,53 @@ class Storage:
         except OSError as exc:
             raise StorageError(f"{path}: cannot open ({exc})") from exc
 
+    def read_range(self, rel: str, start: int, stop: int) -> bytes:
+        """Bytes ``start..stop`` of ``rel`` (exactly that many; fewer only at end of file).
+
+        Remote reads are ranged requests, at most ``retry.max_concurrency`` at once, retried
+        with exponential backoff and full jitter on transient errors; after the last try a
+        `StorageError` names the URL (without credentials) and the range.
+        """
+        if stop <= start:
+            return b""
+        path = self.url(rel)
+        if self.is_local:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError as exc:
+                raise StorageError(f"{path}: file not found") from exc
+            try:
+                data = os.pread(fd, stop - start, start)
+            finally:
+                os.close(fd)
+            self._count(len(data))
+            return data
+        policy = self.retry
+        for attempt in range(policy.attempts):
+            try:
+                with self._gate:
+                    data = bytes(self.fs.cat_file(path, start=start, end=stop))
+                self._count(len(data))
+                return data
+            except Exception as exc:
+                if not _transient(exc):
+                    raise StorageError(
+                        f"{redact(path)} bytes {start}..{stop}: {redact(str(exc))}"
+                    ) from None
+                if attempt + 1 == policy.attempts:
+                    raise StorageError(
+                        f"{redact(path)} bytes {start}..{stop}: still failing after "
+                        f"{policy.attempts} tries ({type(exc).__name__}: {redact(str(exc))})"
+                    ) from None
+                self.stats["retries"] += 1
+                delay = min(policy.max_delay_s, policy.base_delay_s * 2**attempt)
+                time.sleep(random.uniform(0, delay))  # full jitter
+        raise AssertionError("unreachable")
+
+    def _count(self, n: int) -> None:
+        self.stats["range_reads"] += 1
+        self.stats["bytes_read"] += n
+
     def read_bytes(self, rel: str) -> bytes:
         with self.open(rel) as fh:
             return fh.read()
@@ -95,6 +196,54 @@ class Storage:
             raise StorageError(f"{self.url(rel)}: not valid JSON ({exc})") from exc
 
     def size(self, rel: str) -> int:
-        if self.is_local:
-            return os.path.getsize(self.url(rel))
-        return int(self.fs.size(self.url(rel)))
+        """Size of ``rel`` in bytes; `StorageError` if it does not exist."""
+        path = self.url(rel)
+        try:
+            if self.is_local:
+                return os.path.getsize(path)
+            return int(self.fs.size(path))
+        except FileNotFoundError as exc:
+            raise StorageError(f"{redact(path)}: file not found") from exc
+        except OSError as exc:
+            raise StorageError(f"{redact(path)}: cannot stat ({redact(str(exc))})") from exc
+
+
+class RangeReader:
+    """Byte ranges of one file: ``pread`` on a file descriptor locally, ranged GETs remotely.
+
+    Owned by one user at a time (a decoder); `close` releases the descriptor. A reader made
+    in one process must not be used in another.
+    """
+
+    def __init__(self, storage: Storage, rel: str) -> None:
+        self.storage = storage
+        self.rel = rel
+        self.path = storage.url(rel)
+        self.bytes_read = 0
+        self._fd: int | None = None
+        if storage.is_local:
+            try:
+                self._fd = os.open(self.path, os.O_RDONLY)
+            except FileNotFoundError as exc:
+                raise StorageError(f"{self.path}: file not found") from exc
+            except OSError as exc:
+                raise StorageError(f"{self.path}: cannot open ({exc})") from exc
+
+    def size(self) -> int:
+        if self._fd is not None:
+            return os.fstat(self._fd).st_size
+        return self.storage.size(self.rel)
+
+    def read(self, start: int, stop: int) -> bytes:
+        """Bytes ``start..stop`` (fewer only at the end of the file)."""
+        if self._fd is not None:
+            data = os.pread(self._fd, max(0, stop - start), start)
+        else:
+            data = self.storage.read_range(self.rel, start, stop)
+        self.bytes_read += len(data)
+        return data
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

@@ -14,6 +14,8 @@ __all__ = ["inspect_dataset"]
 
 
 def _mb(n: int) -> str:
+    if n < 1_000_000:
+        return f"{n / 1e3:.1f} kB"
     return f"{n / 1e6:.1f} MB"
 
 
@@ -61,7 +63,8 @@ def inspect_dataset(path: str | os.PathLike[str] | Dataset, *, video: bool = Tru
                 idx = VideoIndex.from_file(fh, ds.storage.url(files[0]))
             keys = np.flatnonzero(idx.keyframe)
             gop = np.diff(np.append(keys, idx.num_frames))
-            codec = idx.codec
+            if idx.codec != codec:
+                codec = f"{codec} (decoder {idx.codec})"
             extra = f"  GOP max {int(gop.max())} mean {float(gop.mean()):.1f} (file 0)"
             height, width_px = idx.height, idx.width
         lines.append(

@@ -1,15 +1,18 @@
 """Per-process cache of video indexes and idle decoders, bounded by count and bytes.
 
 Decoders are checked out by one thread and checked back in, so two threads never share one.
-Everything here belongs to the process that created it: after a ``fork`` the child sees a
-different pid, drops the inherited entries without closing them (closing a codec or thread pool
-that the parent still owns is how other loaders segfault), and starts empty.
+Everything here belongs to the process that created it. Right after a ``fork`` a hook parks
+every cache's inherited decoders in a list that is never freed: releasing an FFmpeg decoder
+(dav1d joins its worker threads) in a child, where the parent's threads do not exist, hangs.
+The child's caches start empty. This registry is the one piece of module state in framefeed,
+and it exists only to make ``fork`` safe.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -20,6 +23,15 @@ __all__ = ["DecoderCache"]
 
 # Objects inherited through fork are parked here so their finalizers never run in the child.
 _INHERITED: list[object] = []
+_LIVE: weakref.WeakSet[DecoderCache] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for cache in list(_LIVE):
+        cache._check_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class DecoderCache:
@@ -31,6 +43,7 @@ class DecoderCache:
         self.max_indexes = max_indexes
         self._lock = threading.Lock()
         self._reset()
+        _LIVE.add(self)
 
     def _reset(self) -> None:
         self._pid = os.getpid()

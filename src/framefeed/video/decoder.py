@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from typing import IO
 
 import av
 import numpy as np
@@ -20,6 +19,7 @@ from av.video.codeccontext import VideoCodecContext
 from av.video.reformatter import Interpolation, VideoReformatter
 
 from ..errors import DecodeError
+from ..storage import RangeReader
 from .index import VideoIndex
 
 __all__ = ["FrameDecoder"]
@@ -31,13 +31,9 @@ _RGB_PLANES = (2, 0, 1)
 class FrameDecoder:
     """Decodes chosen frames of one video file into caller-provided uint8 CHW arrays."""
 
-    def __init__(self, index: VideoIndex, fileobj: IO[bytes], *, threads: int = 1) -> None:
+    def __init__(self, index: VideoIndex, reader: RangeReader, *, threads: int = 1) -> None:
         self.index = index
-        self._file = fileobj
-        try:
-            self._fd: int | None = fileobj.fileno()
-        except (AttributeError, OSError, ValueError):
-            self._fd = None
+        self._reader = reader
         ctx = av.CodecContext.create(index.codec, "r")
         if not isinstance(ctx, VideoCodecContext):
             raise DecodeError(f"{index.path}: codec {index.codec!r} is not a video codec")
@@ -48,7 +44,6 @@ class FrameDecoder:
         self._ctx.open()
         self._scaler = VideoReformatter()
         self.pid = os.getpid()
-        self.bytes_read = 0
 
     @property
     def nbytes(self) -> int:
@@ -58,15 +53,14 @@ class FrameDecoder:
     def close(self) -> None:
         if self.pid != os.getpid():  # inherited through fork: never touch the parent's codec
             return
-        self._file.close()
+        self._reader.close()
+
+    @property
+    def bytes_read(self) -> int:
+        return self._reader.bytes_read
 
     def _read(self, start: int, stop: int) -> bytes:
-        if self._fd is not None:
-            data = os.pread(self._fd, stop - start, start)
-        else:
-            self._file.seek(start)
-            data = self._file.read(stop - start)
-        self.bytes_read += len(data)
+        data = self._reader.read(start, stop)
         if len(data) != stop - start:
             raise DecodeError(
                 f"{self.index.path}: truncated file: wanted bytes {start}..{stop}, "

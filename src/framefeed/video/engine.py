@@ -19,11 +19,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import DecodeError, FramefeedError
-from ..storage import Storage
+from ..errors import DecodeError, FramefeedError, FrameTimestampError
+from ..storage import RangeReader, Storage
 from .cache import _INHERITED, DecoderCache
 from .decoder import FrameDecoder
 from .index import VideoIndex
+from .mp4 import parse_mp4_index
 
 __all__ = ["EngineStats", "FrameRequest", "VideoEngine"]
 
@@ -68,10 +69,16 @@ class EngineStats:
 @dataclass(frozen=True, eq=False)
 class _Task:
     request: FrameRequest
+    """The request of ``first_item`` (for error messages)."""
+    path: str
+    size: tuple[int, int]
+    """Output height and width."""
     index: VideoIndex
     runs: list[tuple[int, int]]
     wanted: dict[int, list[np.ndarray]]
     cost: int
+    first_item: int
+    """Position in ``request.times`` of one target of this task (for error messages)."""
 
 
 class VideoEngine:
@@ -128,8 +135,7 @@ class VideoEngine:
 
         def build() -> VideoIndex:
             t0 = time.perf_counter()
-            with self.storage.open(path) as fh:
-                built = VideoIndex.from_file(fh, self.storage.url(path))
+            built = build_index(self.storage, path)
             with self.stats.lock:
                 self.stats.index_seconds += time.perf_counter() - t0
             return built
@@ -138,10 +144,17 @@ class VideoEngine:
 
     def decode(self, requests: Sequence[FrameRequest], *, tolerance_s: float) -> None:
         """Fill every request's ``out`` with its frames; raises `DecodeError` naming the file."""
-        tasks: list[_Task] = []
+        # Requests for the same file and output size are planned together, so a GOP that two
+        # fields (or two windows of one camera) need is decoded once.
+        groups: dict[tuple[str, int, int], list[FrameRequest]] = {}
         for request in requests:
             if len(request.times):
-                tasks.extend(self._plan(request, tolerance_s))
+                _check_out(request.out)
+                key = (request.path, int(request.out.shape[2]), int(request.out.shape[3]))
+                groups.setdefault(key, []).append(request)
+        tasks: list[_Task] = []
+        for (path, height, width), group in groups.items():
+            tasks.extend(self._plan(path, (height, width), group, tolerance_s))
         if not tasks:
             return
         tasks.sort(key=lambda t: -t.cost)
@@ -155,11 +168,12 @@ class VideoEngine:
             missing = set(task.wanted) - done
             if missing:
                 pts = min(missing)
-                raise DecodeError(
+                exc = DecodeError(
                     f"{task.index.path}: the decoder produced no frame with pts {pts} "
                     f"(t={pts * float(task.index.time_base):.6f} s); the file is corrupt or its "
                     "keyframe flags are wrong"
                 )
+                raise _in_context(exc, task.request, task.first_item)
 
     def _executor(self) -> ThreadPoolExecutor:
         if self._pool is not None and self._pool_pid != os.getpid():
@@ -170,62 +184,87 @@ class VideoEngine:
             self._pool_pid = os.getpid()
         return self._pool
 
-    def _plan(self, request: FrameRequest, tolerance_s: float) -> list[_Task]:
-        index = self.index(request.path)
-        out = request.out
-        if out.ndim != 4 or out.shape[1] != 3 or out.dtype != np.uint8:
-            raise ValueError(f"out must be uint8 (N, 3, H, W), got {out.dtype} {out.shape}")
-        packets = index.locate(request.times, tolerance_s, request.describe)
+    def _plan(
+        self,
+        path: str,
+        size: tuple[int, int],
+        requests: list[FrameRequest],
+        tolerance_s: float,
+    ) -> list[_Task]:
+        try:
+            return self._plan_file(path, size, requests, tolerance_s)
+        except FrameTimestampError:
+            raise  # already names the sample
+        except FramefeedError as exc:
+            raise _in_context(exc, requests[0], 0) from exc
+
+    def _plan_file(
+        self,
+        path: str,
+        size: tuple[int, int],
+        requests: list[FrameRequest],
+        tolerance_s: float,
+    ) -> list[_Task]:
+        index = self.index(path)
         wanted: dict[int, list[np.ndarray]] = {}
-        slots = request.slots if request.slots is not None else np.arange(len(packets))
-        if len(slots) != len(packets):
-            raise ValueError("slots and times must have the same length")
-        for slot, packet in zip(slots.tolist(), packets.tolist(), strict=True):
-            wanted.setdefault(int(index.pts[packet]), []).append(out[slot])
+        item_of: dict[int, tuple[FrameRequest, int]] = {}
+        all_packets = []
+        for request in requests:
+            packets = index.locate(request.times, tolerance_s, request.describe)
+            slots = request.slots if request.slots is not None else np.arange(len(packets))
+            if len(slots) != len(packets):
+                raise ValueError("slots and times must have the same length")
+            pairs = zip(slots.tolist(), packets.tolist(), strict=True)
+            for item, (slot, packet) in enumerate(pairs):
+                wanted.setdefault(int(index.pts[packet]), []).append(request.out[slot])
+                item_of.setdefault(packet, (request, item))
+            all_packets.append(packets)
         runs: list[tuple[int, int]] = []
-        for target in np.unique(packets).tolist():
+        for target in np.unique(np.concatenate(all_packets)).tolist():
             anchor = index.anchor(target)
             if runs and anchor <= runs[-1][1]:
                 runs[-1] = (runs[-1][0], target)
             else:
                 runs.append((anchor, target))
-        groups = _split(runs, self.threads)
         tasks = []
-        for group in groups:
+        for group in _split(runs, self.threads):
             pts_in = {
                 int(p)
                 for first, last in group
                 for p in index.pts[first : last + 1].tolist()
                 if int(p) in wanted
             }
+            request, item = item_of[group[0][1]]
             tasks.append(
                 _Task(
                     request=request,
+                    path=path,
+                    size=size,
                     index=index,
                     runs=group,
                     wanted={p: wanted[p] for p in pts_in},
                     cost=sum(last - first + 1 for first, last in group),
+                    first_item=item,
                 )
             )
         return tasks
 
     def _run(self, task: _Task) -> set[int]:
-        path = task.request.path
-        out = task.request.out
-        size = None
-        if (out.shape[2], out.shape[3]) != (task.index.height, task.index.width):
-            size = (int(out.shape[2]), int(out.shape[3]))
+        path = task.path
+        size = None if task.size == (task.index.height, task.index.width) else task.size
         t0 = time.perf_counter()
         decoder = self.cache.checkout(
             path,
-            lambda: FrameDecoder(task.index, self.storage.open(path), threads=self.codec_threads),
+            lambda: FrameDecoder(
+                task.index, RangeReader(self.storage, path), threads=self.codec_threads
+            ),
         )
         before = decoder.bytes_read
         try:
             produced, done = decoder.decode_runs(task.runs, task.wanted, size=size)
-        except FramefeedError:
+        except FramefeedError as exc:
             decoder.close()
-            raise
+            raise _in_context(exc, task.request, task.first_item) from exc
         self.cache.checkin(path, decoder)
         with self.stats.lock:
             self.stats.frames_decoded += produced
@@ -233,6 +272,33 @@ class VideoEngine:
             self.stats.bytes_read += decoder.bytes_read - before
             self.stats.decode_seconds += time.perf_counter() - t0
         return done
+
+
+def build_index(storage: Storage, path: str) -> VideoIndex:
+    """The packet index of ``path``: from the MP4 sample tables when it is an MP4 (reads only
+    the ``moov`` box), else by demuxing the container with PyAV."""
+    url = storage.url(path)
+    if path.lower().endswith((".mp4", ".m4v", ".mov")):
+        reader = RangeReader(storage, path)
+        try:
+            return parse_mp4_index(lambda at, n: reader.read(at, at + n), reader.size(), url)
+        finally:
+            reader.close()
+    with storage.open(path) as fh:
+        return VideoIndex.from_file(fh, url)
+
+
+def _check_out(out: np.ndarray) -> None:
+    if out.ndim != 4 or out.shape[1] != 3 or out.dtype != np.uint8:
+        raise ValueError(f"out must be uint8 (N, 3, H, W), got {out.dtype} {out.shape}")
+
+
+def _in_context(exc: FramefeedError, request: FrameRequest, item: int) -> FramefeedError:
+    """``exc`` again, prefixed with the sample behind ``request.times[item]`` when known."""
+    if request.describe is None:
+        return exc
+    t = float(request.times[item]) if len(request.times) > item else float("nan")
+    return type(exc)(f"{request.describe(item)}, t={t:.6f} s: {exc}")
 
 
 def _split(runs: list[tuple[int, int]], parts: int) -> list[list[tuple[int, int]]]:

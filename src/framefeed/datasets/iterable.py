@@ -1,0 +1,344 @@
+"""`IterableDataset`: streaming samples with an episode-pool shuffle, partitioned and resumable.
+
+Each consumer (DDP rank x DataLoader worker) computes its own order (`StreamOrder`): a pure
+function of seed, epoch, rank, world size and worker. A background thread fetches the next
+``fetch_size`` samples through the same batch planner as `MapDataset` (one read plan per chunk:
+sorted, keyframe-anchored video decode), while the current chunk is yielded; at most
+``prefetch`` chunks wait in a bounded queue.
+
+``set_epoch`` writes the epoch into shared memory, so persistent DataLoader workers see it
+too. ``state_dict`` counts the samples actually yielded (prefetched ones are not), and
+``load_state_dict`` resumes with exactly the samples not yet yielded, also inside workers
+(torchdata's ``StatefulDataLoader`` calls them per worker) and with another number of workers
+(merge the workers' states with `merge_worker_states` first).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import queue
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.utils.data
+
+from ..catalog import ColumnKind, Dataset
+from ..errors import ConfigError
+from ..fields import Field
+from ..formats import open_dataset
+from ..index import SampleIndex
+from ..plan import BatchPlanner, resolve_fields
+from ..sampling.partition import Uneven
+from ..sampling.stream import Layer, StreamOrder
+from ..video.engine import VideoEngine
+
+__all__ = ["IterableDataset", "merge_worker_states", "resolve_rank"]
+
+_STATE_VERSION = 1
+
+
+def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """Rank and world size from the arguments, ``torch.distributed``, or RANK / WORLD_SIZE."""
+    if rank is not None or world_size is not None:
+        if rank is None or world_size is None:
+            raise ConfigError("give both rank and world_size, or neither")
+        return int(rank), int(world_size)
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return int(dist.get_rank()), int(dist.get_world_size())
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    return 0, 1
+
+
+def merge_worker_states(states: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One rank-level state from the states of all DataLoader workers of that rank."""
+    if not states:
+        raise ConfigError("no worker states to merge")
+    by_worker = sorted(states, key=lambda s: int(s["worker"]))
+    num_workers = int(by_worker[0]["num_workers"])
+    if [int(s["worker"]) for s in by_worker] != list(range(num_workers)):
+        raise ConfigError(f"need the states of workers 0..{num_workers - 1}, got {len(states)}")
+    head = dict(by_worker[0])
+    for s in by_worker:
+        if s["layers"] != head["layers"] or s["epoch"] != head["epoch"]:
+            raise ConfigError("worker states come from different epochs or resumes")
+    layers = [*head["layers"], [num_workers, [int(s["yielded"]) for s in by_worker]]]
+    head.update(worker=0, num_workers=1, yielded=0, layers=layers)
+    return head
+
+
+class IterableDataset(torch.utils.data.IterableDataset[Any]):
+    """Streams samples of a framefeed dataset, shuffled through an episode pool.
+
+    ``episode_pool_size`` episodes are open per consumer (only their row numbers; nothing is
+    decoded ahead of ``fetch_size``); ``uneven`` ("pad", "drop" or "uneven") says how unequal
+    shares are evened out across ranks and workers. With ``batch_size`` the dataset yields
+    collated batches (use ``DataLoader(batch_size=None)``) instead of single samples.
+    """
+
+    def __init__(
+        self,
+        source: str | os.PathLike[str] | Dataset,
+        *,
+        episode_pool_size: int = 16,
+        fetch_size: int = 64,
+        seed: int = 0,
+        shuffle: bool = True,
+        rank: int | None = None,
+        world_size: int | None = None,
+        uneven: Literal["pad", "drop", "uneven"] = "pad",
+        batch_size: int | None = None,
+        prefetch: int = 2,
+        delta_timestamps: Mapping[str, Sequence[float]] | None = None,
+        episodes: Sequence[int] | None = None,
+        tolerance_s: float = 1e-4,
+        image_dtype: Literal["uint8", "float32"] = "uint8",
+        fields: Sequence[Field] | None = None,
+        decode_threads: int | None = None,
+    ) -> None:
+        if episode_pool_size < 1 or fetch_size < 1 or prefetch < 0:
+            raise ConfigError("episode_pool_size and fetch_size must be >= 1, prefetch >= 0")
+        if batch_size is not None and batch_size < 1:
+            raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
+        if image_dtype not in ("uint8", "float32"):
+            raise ConfigError(f"image_dtype must be 'uint8' or 'float32', not {image_dtype!r}")
+        try:
+            self.uneven = Uneven(uneven)
+        except ValueError:
+            raise ConfigError(f"uneven must be 'pad', 'drop' or 'uneven', not {uneven!r}") from None
+        self.dataset = open_dataset(source)
+        self.rank, self.world_size = resolve_rank(rank, world_size)
+        if not 0 <= self.rank < self.world_size:
+            raise ConfigError(f"rank {self.rank} is not in [0, world_size={self.world_size})")
+        self.pool_size = episode_pool_size
+        self.fetch_size = (
+            fetch_size
+            if batch_size is None
+            else max(batch_size, fetch_size // batch_size * batch_size)
+        )
+        self.seed = int(seed)
+        self.shuffle = shuffle
+        self.batch_size = batch_size
+        self.prefetch = prefetch
+        self.tolerance_s = float(tolerance_s)
+        self.image_dtype = image_dtype
+        self.index = SampleIndex.from_dataset(self.dataset, episodes)
+        self.fields = resolve_fields(self.dataset, fields, delta_timestamps, self.tolerance_s)
+        self._float_keys = [
+            f.key
+            for f in self.fields
+            if f.column is not None and f.column.kind in (ColumnKind.VIDEO, ColumnKind.IMAGE)
+        ]
+        self._decode_threads = decode_threads
+        self._shared_epoch = multiprocessing.Value("q", 0, lock=False)
+        self._layers: list[Layer] = []
+        self._layers_epoch = 0
+        self._yielded = 0
+        self._planner: BatchPlanner | None = None
+        self._pid = -1
+
+    # -- epochs and checkpoints -------------------------------------------------------------
+
+    @property
+    def epoch(self) -> int:
+        return int(self._shared_epoch.value)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use epoch ``epoch``'s order from the next iteration on (also in persistent workers)."""
+        self._shared_epoch.value = int(epoch)
+
+    def _consumer(self) -> tuple[int, int]:
+        info = torch.utils.data.get_worker_info()
+        return (0, 1) if info is None else (info.id, info.num_workers)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Progress of this consumer: JSON-serialisable, small."""
+        worker, num_workers = self._consumer()
+        layers = self._layers if self._layers_epoch == self.epoch else []
+        return {
+            "version": _STATE_VERSION,
+            "seed": self.seed,
+            "epoch": self.epoch,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "worker": worker,
+            "num_workers": num_workers,
+            "yielded": self._yielded,
+            "layers": [[layer.num_workers, list(layer.yielded)] for layer in layers],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume where ``state`` stopped: the next iteration yields exactly what was left.
+
+        ``state`` is this consumer's own state (same worker layout), or a rank-level state from
+        `merge_worker_states` / a process without workers (any worker layout).
+        """
+        if int(state.get("version", -1)) != _STATE_VERSION:
+            raise ConfigError(f"unknown state version {state.get('version')!r}")
+        for key in ("seed", "rank", "world_size"):
+            if int(state[key]) != getattr(self, key):
+                raise ConfigError(
+                    f"state was saved with {key}={state[key]}, this dataset has "
+                    f"{key}={getattr(self, key)}"
+                )
+        layers = [Layer(int(n), tuple(int(c) for c in ys)) for n, ys in state["layers"]]
+        worker, num_workers = self._consumer()
+        if int(state["num_workers"]) == 1 and int(state["worker"]) == 0:
+            if int(state["yielded"]):
+                layers.append(Layer(1, (int(state["yielded"]),)))
+            self._yielded = 0
+        elif int(state["num_workers"]) == num_workers and int(state["worker"]) == worker:
+            self._yielded = int(state["yielded"])
+        else:
+            raise ConfigError(
+                "this is one worker's state from another worker layout; merge all workers' "
+                "states with framefeed.merge_worker_states and load the result"
+            )
+        self.set_epoch(int(state["epoch"]))
+        self._layers = layers
+        self._layers_epoch = int(state["epoch"])
+
+    # -- iteration ---------------------------------------------------------------------------
+
+    def _stream_order(self) -> StreamOrder:
+        return StreamOrder(
+            offsets=self.index.offsets,
+            seed=self.seed,
+            epoch=self.epoch,
+            rank=self.rank,
+            world_size=self.world_size,
+            pool_size=self.pool_size,
+            shuffle=self.shuffle,
+            uneven=self.uneven,
+        )
+
+    def _order(self) -> np.ndarray:
+        worker, num_workers = self._consumer()
+        layers = self._layers if self._layers_epoch == self.epoch else []
+        return self._stream_order().worker_order(layers, worker, num_workers)
+
+    def samples_per_epoch(self, num_workers: int = 1) -> int:
+        """Samples this rank yields in the current epoch with ``num_workers`` workers."""
+        order = self._stream_order()
+        layers = self._layers if self._layers_epoch == self.epoch else []
+        return sum(len(order.worker_order(layers, w, num_workers)) for w in range(num_workers))
+
+    def _plan(self) -> BatchPlanner:
+        if self._planner is None or self._pid != os.getpid():
+            threads = self._decode_threads
+            if threads is None:
+                in_worker = torch.utils.data.get_worker_info() is not None
+                threads = 1 if in_worker else max(1, min(os.cpu_count() or 1, 8))
+            engine = VideoEngine(self.dataset.storage, threads=threads)
+            self._planner = BatchPlanner(
+                self.dataset, self.index, self.fields, engine, self.tolerance_s
+            )
+            self._pid = os.getpid()
+        return self._planner
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_planner"] = None
+        return state
+
+    def _fetch(self, indices: np.ndarray) -> dict[str, Any]:
+        values = self._plan().run(indices)
+        if self.image_dtype == "float32":
+            for key in self._float_keys:
+                values[key] = values[key].float().div_(255.0)
+        return values
+
+    def __iter__(self) -> Iterator[Any]:
+        order = self._order()
+        start = self._yielded
+        self._yielded = start
+        chunks = [order[i : i + self.fetch_size] for i in range(start, len(order), self.fetch_size)]
+        fetched = _Prefetcher(self._fetch, chunks, self.prefetch)
+        try:
+            for values, size in fetched:
+                if self.batch_size is not None:
+                    for b in range(0, size, self.batch_size):
+                        stop = min(b + self.batch_size, size)
+                        self._yielded += stop - b  # counted once handed out
+                        yield {k: v[b:stop] for k, v in values.items()}
+                else:
+                    for i in range(size):
+                        self._yielded += 1
+                        yield {k: v[i] for k, v in values.items()}
+        finally:
+            fetched.close()
+        # A finished epoch resumes nothing: the next iteration starts the epoch afresh.
+        self._yielded = 0
+        self._layers = []
+
+    def close(self) -> None:
+        if self._planner is not None and self._pid == os.getpid():
+            self._planner.engine.close()
+        self._planner = None
+
+
+class _Prefetcher:
+    """Runs ``fetch`` over ``chunks`` in a background thread, at most ``depth`` ahead."""
+
+    def __init__(self, fetch: Any, chunks: list[np.ndarray], depth: int) -> None:
+        self._fetch = fetch
+        self._chunks = chunks
+        self._depth = depth
+        self._stop = threading.Event()
+        self._queue: queue.Queue[tuple[str, Any, int]] = queue.Queue(maxsize=max(depth, 1))
+        self._thread: threading.Thread | None = None
+        if depth > 0 and chunks:
+            self._thread = threading.Thread(
+                target=self._run, name="framefeed-prefetch", daemon=True
+            )
+            self._thread.start()
+
+    def _run(self) -> None:
+        for chunk in self._chunks:
+            if self._stop.is_set():
+                return
+            try:
+                item: tuple[str, Any, int] = ("ok", self._fetch(chunk), len(chunk))
+            except BaseException as exc:  # handed to the consumer, never lost in the thread
+                self._put(("error", exc, 0))
+                return
+            if not self._put(item):
+                return
+        self._put(("done", None, 0))
+
+    def _put(self, item: tuple[str, Any, int]) -> bool:
+        """Queue ``item`` unless the consumer has closed; False when it has."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> Iterator[tuple[dict[str, Any], int]]:
+        if self._thread is None:
+            for chunk in self._chunks:
+                yield self._fetch(chunk), len(chunk)
+            return
+        while True:
+            kind, payload, size = self._queue.get()
+            if kind == "done":
+                return
+            if kind == "error":
+                raise payload
+            yield payload, size
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            while self._thread.is_alive():
+                with contextlib.suppress(queue.Empty):
+                    self._queue.get(timeout=0.05)
+            self._thread.join()

@@ -1,0 +1,212 @@
+"""Bad input fails with a framefeed error that names the file (and episode, column, camera)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import FPS, TOP, WRIST, copy_dataset, read_info, rewrite_episodes, write_info
+
+import framefeed
+from framefeed import FormatError, FramefeedError, FrameTimestampError, MapDataset
+from framefeed.synth import read_marker
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def broken(tmp_path: Path, rollover_root: Path) -> Path:
+    """A private copy of the rollover dataset, free to corrupt."""
+    return copy_dataset(rollover_root, tmp_path / "ds")
+
+
+def _first_sample_in(root: Path, key: str, rel: str) -> tuple[int, int]:
+    """(global sample, episode id) of the first sample whose ``key`` file is ``rel``."""
+    ds = framefeed.open_dataset(root)
+    paths = ds.data_paths if key == "data" else ds.video_paths[key]
+    pos = int(np.flatnonzero(paths == rel)[0])
+    return int(ds.start_rows[pos]), int(ds.segment_ids[pos])
+
+
+def _last_sample_in(root: Path, key: str, rel: str) -> tuple[int, int]:
+    ds = framefeed.open_dataset(root)
+    pos = int(np.flatnonzero(ds.video_paths[key] == rel)[-1])
+    return int(ds.start_rows[pos] + ds.lengths[pos] - 1), int(ds.segment_ids[pos])
+
+
+def _video(key: str, file_no: int) -> str:
+    return f"videos/{key}/chunk-000/file-{file_no:03d}.mp4"
+
+
+def _error_of(root: Path, index: int, **kwargs: Any) -> FramefeedError:
+    with MapDataset(root, **kwargs) as ds, pytest.raises(FramefeedError) as err:
+        ds[index]
+    return err.value
+
+
+def _assert_names_sample(err: Exception, path: Path, episode: int, camera: str) -> None:
+    msg = str(err)
+    assert str(path) in msg
+    assert f"episode {episode}" in msg
+    assert camera in msg
+
+
+def test_missing_video_file(broken: Path) -> None:
+    rel = _video(WRIST, 1)
+    (broken / rel).unlink()
+    sample, episode = _first_sample_in(broken, WRIST, rel)
+    err = _error_of(broken, sample)
+    _assert_names_sample(err, broken / rel, episode, WRIST)
+    with MapDataset(broken) as ds:  # samples of other files still load
+        ok = ds[0]
+        assert read_marker(ok[WRIST].numpy()) == (0, 0)
+
+
+def test_truncated_video_file(broken: Path) -> None:
+    rel = _video(TOP, 0)
+    path = broken / rel
+    os.truncate(path, path.stat().st_size // 2)
+    sample, episode = _last_sample_in(broken, TOP, rel)
+    err = _error_of(broken, sample)
+    _assert_names_sample(err, path, episode, TOP)
+    assert isinstance(err, framefeed.DecodeError)
+    # The file is damaged: that is not a timestamp/tolerance problem of the request.
+    assert not isinstance(err, FrameTimestampError), str(err)
+
+
+def test_truncated_video_file_first_half_still_decodes(broken: Path) -> None:
+    rel = _video(TOP, 0)
+    path = broken / rel
+    os.truncate(path, path.stat().st_size // 2)
+    with MapDataset(broken) as ds:
+        s = ds[0]
+        assert read_marker(s[TOP].numpy()) == (0, 0)
+
+
+def test_garbage_video_file(broken: Path) -> None:
+    rel = _video(TOP, 1)
+    path = broken / rel
+    path.write_bytes(np.random.default_rng(0).bytes(path.stat().st_size))
+    sample, episode = _first_sample_in(broken, TOP, rel)
+    err = _error_of(broken, sample)
+    assert isinstance(err, framefeed.DecodeError)
+    _assert_names_sample(err, path, episode, TOP)
+
+
+@pytest.mark.parametrize("where", ["footer", "pages"])
+def test_corrupt_data_parquet(broken: Path, where: str) -> None:
+    rel = "data/chunk-000/file-000.parquet"
+    path = broken / rel
+    data = bytearray(path.read_bytes())
+    if where == "footer":
+        data[-64:] = b"\xab" * 64
+    else:
+        data[4 : len(data) // 2] = b"\xff" * (len(data) // 2 - 4)
+    path.write_bytes(bytes(data))
+    err = _error_of(broken, 0)
+    assert isinstance(err, FormatError)
+    assert str(path) in str(err)
+
+
+def test_missing_data_file(broken: Path) -> None:
+    rel = "data/chunk-000/file-001.parquet"
+    (broken / rel).unlink()
+    sample, _ = _first_sample_in(broken, "data", rel)
+    err = _error_of(broken, sample)
+    assert str(broken / rel) in str(err)
+
+
+def test_feature_missing_from_parquet(broken: Path) -> None:
+    info = read_info(broken)
+    features = {"observation.extra": {"dtype": "float32", "shape": [3], "names": None}}
+    features.update(info["features"])
+    info["features"] = features
+    write_info(broken, info)
+    framefeed.open_dataset(broken)  # metadata alone is consistent
+    err = _error_of(broken, 0)
+    assert isinstance(err, FormatError)
+    assert "observation.extra" in str(err)
+    assert str(broken / "data" / "chunk-000" / "file-000.parquet") in str(err)
+
+
+def test_data_file_does_not_match_metadata(broken: Path) -> None:
+    def point_elsewhere(cols: dict[str, list[Any]]) -> None:
+        cols["data/file_index"][0] = 1
+
+    rewrite_episodes(broken, point_elsewhere)
+    err = _error_of(broken, 0)
+    assert isinstance(err, FormatError)
+    assert "file-001.parquet" in str(err)
+
+
+def _shift_video(root: Path, key: str, episode: int, seconds: float) -> None:
+    def shift(cols: dict[str, list[Any]]) -> None:
+        row = cols["episode_index"].index(episode)
+        cols[f"videos/{key}/from_timestamp"][row] += seconds
+        cols[f"videos/{key}/to_timestamp"][row] += seconds
+
+    rewrite_episodes(root, shift)
+
+
+def test_timestamp_beyond_the_video(broken: Path) -> None:
+    ds = framefeed.open_dataset(broken)
+    pos = 3
+    episode = int(ds.segment_ids[pos])
+    rel = str(ds.video_paths[TOP][pos])
+    _shift_video(broken, TOP, episode, 1000.0)
+    err = _error_of(broken, int(ds.start_rows[pos]) + 2)
+    assert isinstance(err, FrameTimestampError)
+    msg = str(err)
+    assert str(broken / rel) in msg
+    assert f"episode {episode}" in msg
+    assert TOP in msg
+    assert "frame 2" in msg
+    with MapDataset(broken) as mds:  # the other camera and the other episodes are fine
+        s = mds[int(ds.start_rows[pos - 1])]
+        assert read_marker(s[TOP].numpy()) == (int(ds.segment_ids[pos - 1]), 0)
+
+
+@pytest.mark.parametrize("shift_frames", [0.4, -0.4])
+def test_tolerance_violation(broken: Path, shift_frames: float) -> None:
+    ds = framefeed.open_dataset(broken)
+    pos = 1
+    episode = int(ds.segment_ids[pos])
+    _shift_video(broken, WRIST, episode, shift_frames / FPS)
+    sample = int(ds.start_rows[pos]) + 5
+    err = _error_of(broken, sample)
+    assert isinstance(err, FrameTimestampError)
+    assert f"episode {episode}" in str(err)
+    assert WRIST in str(err)
+    assert str(broken / str(ds.video_paths[WRIST][pos])) in str(err)
+    # A looser tolerance accepts the nearest frame, which is the right one.
+    with MapDataset(broken, tolerance_s=0.5 / FPS) as loose:
+        assert read_marker(loose[sample][WRIST].numpy()) == (episode, 5)
+
+
+def test_error_in_a_batch_names_the_failing_sample(broken: Path) -> None:
+    ds = framefeed.open_dataset(broken)
+    pos = 2
+    episode = int(ds.segment_ids[pos])
+    _shift_video(broken, TOP, episode, 0.5 / FPS)
+    bad = int(ds.start_rows[pos]) + 1
+    with MapDataset(broken) as mds, pytest.raises(FrameTimestampError) as err:
+        mds.__getitems__([0, 1, bad, 2])
+    assert f"episode {episode}" in str(err.value)
+    assert "frame 1" in str(err.value)
+
+
+def test_missing_info_file_is_not_a_dataset(broken: Path) -> None:
+    (broken / "meta" / "info.json").unlink()
+    with pytest.raises(FormatError, match=r"info\.json"):
+        MapDataset(broken)
+
+
+def test_video_feature_without_video_path(broken: Path) -> None:
+    info = read_info(broken)
+    info["video_path"] = None
+    write_info(broken, info)
+    with pytest.raises(FormatError, match="video_path"):
+        framefeed.open_dataset(broken)

@@ -1,0 +1,270 @@
+"""Streaming dataset: partitioning over ranks and workers, epochs, exact resume, prefetch."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.utils.data import DataLoader
+
+import framefeed
+from framefeed.datasets.iterable import IterableDataset, merge_worker_states
+from framefeed.sampling.partition import Uneven, balanced_split
+from framefeed.sampling.stream import Layer, StreamOrder
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture(scope="module")
+def stream_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from framefeed.synth import CameraSpec, SynthConfig, write_lerobot_dataset
+
+    root = tmp_path_factory.mktemp("stream") / "ds"
+    config = SynthConfig(
+        num_episodes=8,
+        min_length=6,
+        max_length=14,
+        cameras=(CameraSpec(key="observation.images.top", height=32, width=48),),
+        seed=7,
+    )
+    return Path(write_lerobot_dataset(root, config, progress=False))
+
+
+def _offsets(lengths: list[int]) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+
+
+def _order(offsets: np.ndarray, **kw: object) -> StreamOrder:
+    args: dict[str, object] = {
+        "offsets": offsets,
+        "seed": 0,
+        "epoch": 0,
+        "rank": 0,
+        "world_size": 1,
+        "pool_size": 4,
+    }
+    args.update(kw)
+    return StreamOrder(**args)  # type: ignore[arg-type]
+
+
+LENGTHS = [7, 12, 3, 9, 15, 4, 8, 10, 6, 11, 5]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize(("world", "workers"), [(2, 2), (3, 1), (2, 3)])
+def test_uneven_split_is_disjoint_and_complete(seed: int, world: int, workers: int) -> None:
+    offsets = _offsets(LENGTHS)
+    seen: list[int] = []
+    for rank in range(world):
+        order = _order(offsets, seed=seed, rank=rank, world_size=world, uneven=Uneven.UNEVEN)
+        for part in order.consumer_orders(workers):
+            seen.extend(part.tolist())
+    assert sorted(seen) == list(range(int(offsets[-1])))
+
+
+@pytest.mark.parametrize("policy", [Uneven.PAD, Uneven.DROP])
+def test_pad_and_drop_equalise_every_consumer(policy: Uneven) -> None:
+    offsets = _offsets(LENGTHS)
+    counts = []
+    everything: Counter[int] = Counter()
+    for rank in range(2):
+        order = _order(offsets, rank=rank, world_size=2, uneven=policy)
+        for part in order.consumer_orders(2):
+            counts.append(len(part))
+            everything.update(part.tolist())
+    assert len(set(counts)) == 1
+    if policy is Uneven.PAD:
+        assert set(everything) == set(range(int(offsets[-1])))
+    else:
+        assert max(everything.values()) == 1  # dropped samples are never duplicated
+
+
+def test_balanced_split_by_frames() -> None:
+    lengths = np.asarray(LENGTHS)
+    parts = balanced_split(lengths, 3)
+    loads = [int(lengths[p].sum()) for p in parts]
+    assert sorted(np.concatenate(parts).tolist()) == list(range(len(lengths)))
+    assert max(loads) - min(loads) <= lengths.max()
+
+
+def test_order_is_a_pure_function_and_epochs_differ() -> None:
+    offsets = _offsets(LENGTHS)
+    a = _order(offsets, seed=5, epoch=1).consumer_orders(2)
+    b = _order(offsets, seed=5, epoch=1).consumer_orders(2)
+    c = _order(offsets, seed=5, epoch=2).consumer_orders(2)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c, strict=True))
+
+
+def test_pool_of_one_goes_episode_by_episode() -> None:
+    offsets = _offsets(LENGTHS)
+    (order,) = _order(offsets, pool_size=1).consumer_orders(1)
+    episode = np.searchsorted(offsets, order, side="right") - 1
+    changes = int(np.count_nonzero(np.diff(episode)))
+    assert changes == len(LENGTHS) - 1
+
+
+def test_large_pool_mixes_episodes() -> None:
+    offsets = _offsets([50] * 40)
+    (order,) = _order(offsets, pool_size=32).consumer_orders(1)
+    episode = np.searchsorted(offsets, order, side="right") - 1
+    per_batch = [len(set(episode[i : i + 32].tolist())) / 32 for i in range(0, 1000, 32)]
+    assert np.mean(per_batch) > 0.5
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 1000),
+    first_workers=st.integers(1, 4),
+    second_workers=st.integers(1, 4),
+    cuts=st.lists(st.integers(0, 40), min_size=8, max_size=8),
+    policy=st.sampled_from(list(Uneven)),
+)
+def test_resume_yields_exactly_the_rest(
+    seed: int, first_workers: int, second_workers: int, cuts: list[int], policy: Uneven
+) -> None:
+    offsets = _offsets(LENGTHS)
+    order = _order(offsets, seed=seed, uneven=policy)
+    full: Counter[int] = Counter()
+    for part in order.consumer_orders(first_workers):
+        full.update(part.tolist())
+    parts = order.consumer_orders(first_workers)
+    first = Layer(first_workers, tuple(min(c, len(p)) for c, p in zip(cuts, parts, strict=False)))
+    done: Counter[int] = Counter()
+    for part, c in zip(parts, first.yielded, strict=True):
+        done.update(part[:c].tolist())
+    # Second stretch with another worker count, then resume again.
+    slices = [order.worker_order([first], w, second_workers) for w in range(second_workers)]
+    second = Layer(
+        second_workers, tuple(min(c, len(s)) for c, s in zip(cuts[4:], slices, strict=False))
+    )
+    for s, c in zip(slices, second.yielded, strict=True):
+        done.update(s[:c].tolist())
+    rest = order.remaining([first, second])
+    assert done + Counter(rest.tolist()) == full
+
+
+def _indices(ds: IterableDataset, limit: int | None = None) -> list[int]:
+    out = []
+    for sample in ds:
+        out.append(int(sample["index"]))
+        if limit is not None and len(out) == limit:
+            break
+    return out
+
+
+def test_dataset_epoch_covers_everything_once(stream_root: Path) -> None:
+    ds = IterableDataset(stream_root, episode_pool_size=3, fetch_size=8, seed=1, uneven="uneven")
+    got = _indices(ds)
+    assert sorted(got) == list(range(ds.dataset.num_frames))
+    ds.set_epoch(1)
+    assert _indices(ds) != got
+    sample = next(iter(ds))
+    assert sample["observation.images.top"].dtype == torch.uint8
+    from framefeed.synth import read_marker
+
+    assert read_marker(sample["observation.images.top"].numpy()) == (
+        int(sample["episode_index"]),
+        int(sample["frame_index"]),
+    )
+
+
+@pytest.mark.parametrize("cut", [1, 9, 17, 40])
+def test_dataset_state_dict_resumes_exactly(stream_root: Path, cut: int) -> None:
+    make = lambda: IterableDataset(stream_root, episode_pool_size=3, fetch_size=8, seed=4)  # noqa: E731
+    full = _indices(make())
+    ds = make()
+    head = _indices(ds, limit=cut)  # the prefetcher has fetched more than it yielded
+    state = ds.state_dict()
+    assert state["yielded"] == cut
+    resumed = make()
+    resumed.load_state_dict(state)
+    assert head + _indices(resumed) == full
+
+
+def test_merged_worker_states_resume_with_other_worker_count(stream_root: Path) -> None:
+    ds = IterableDataset(stream_root, episode_pool_size=3, fetch_size=8, seed=2)
+    order = StreamOrder(
+        offsets=ds.index.offsets, seed=2, epoch=0, rank=0, world_size=1, pool_size=3
+    )
+    parts = order.consumer_orders(2)
+    base = ds.state_dict()
+    states = [{**base, "worker": w, "num_workers": 2, "yielded": y} for w, y in enumerate((5, 11))]
+    merged = merge_worker_states(states)
+    ds.load_state_dict(merged)
+    rest = _indices(ds)
+    done = parts[0][:5].tolist() + parts[1][:11].tolist()
+    assert Counter(done) + Counter(rest) == Counter(np.concatenate(parts).tolist())
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_workers_split_the_epoch(stream_root: Path, context: str) -> None:
+    ds = IterableDataset(stream_root, episode_pool_size=2, fetch_size=8, seed=3, uneven="uneven")
+    loader = DataLoader(
+        ds, batch_size=4, num_workers=2, multiprocessing_context=context, timeout=60
+    )
+    got = [int(i) for batch in loader for i in batch["index"]]
+    assert sorted(got) == list(range(ds.dataset.num_frames))
+
+
+def test_set_epoch_reaches_persistent_workers(stream_root: Path) -> None:
+    ds = IterableDataset(stream_root, episode_pool_size=2, fetch_size=8, seed=3)
+    loader = DataLoader(
+        ds,
+        batch_size=4,
+        num_workers=2,
+        persistent_workers=True,
+        multiprocessing_context="fork",
+        timeout=60,
+    )
+    epochs = []
+    for epoch in range(2):
+        ds.set_epoch(epoch)
+        epochs.append([int(i) for batch in loader for i in batch["index"]])
+    assert epochs[0] != epochs[1]
+    fresh = IterableDataset(stream_root, episode_pool_size=2, fetch_size=8, seed=3)
+    fresh.set_epoch(1)
+    again = DataLoader(
+        fresh, batch_size=4, num_workers=2, multiprocessing_context="fork", timeout=60
+    )
+    assert [int(i) for batch in again for i in batch["index"]] == epochs[1]
+
+
+def test_batches_mode_and_ranks(stream_root: Path) -> None:
+    seen: list[int] = []
+    steps = []
+    for rank in range(2):
+        ds = IterableDataset(
+            stream_root, episode_pool_size=2, batch_size=5, seed=0, rank=rank, world_size=2
+        )
+        batches = list(DataLoader(ds, batch_size=None))
+        steps.append(len(batches))
+        assert batches[0]["observation.images.top"].shape[1:] == (3, 32, 48)
+        seen.extend(int(i) for b in batches for i in b["index"])
+    assert steps[0] == steps[1]  # padded: DDP ranks take the same number of steps
+    assert set(seen) == set(range(IterableDataset(stream_root).dataset.num_frames))
+
+
+def test_early_break_leaves_no_thread(stream_root: Path) -> None:
+    before = threading.active_count()
+    ds = IterableDataset(stream_root, fetch_size=4, prefetch=2)
+    it = iter(ds)
+    next(it)
+    it.close()  # what a `break` in a for loop does when the generator is collected
+    ds.close()
+    assert threading.active_count() == before
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(framefeed.ConfigError):
+        _order(_offsets([3, 4]), rank=2, world_size=2)
+    with pytest.raises(framefeed.ConfigError):
+        Layer(2, (1,))
+    with pytest.raises(framefeed.ConfigError):
+        merge_worker_states([])

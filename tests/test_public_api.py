@@ -1,0 +1,101 @@
+"""The public surface is pinned: a change to ``framefeed.__all__`` must be made on purpose."""
+
+from __future__ import annotations
+
+import pytest
+
+import framefeed
+
+pytestmark = pytest.mark.timeout(30)
+
+EXPECTED_ALL = [
+    "Column",
+    "ColumnKind",
+    "ConfigError",
+    "Dataset",
+    "DecodeError",
+    "Decoder",
+    "Field",
+    "FormatError",
+    "FrameTimestampError",
+    "FramefeedError",
+    "ImageDecoder",
+    "IterableDataset",
+    "MapDataset",
+    "NumericDecoder",
+    "SampleIndex",
+    "Segment",
+    "StorageError",
+    "TaskDecoder",
+    "TextDecoder",
+    "Timeline",
+    "TimelineKind",
+    "VideoFrameDecoder",
+    "VideoSpan",
+    "Window",
+    "__version__",
+    "collate",
+    "merge_worker_states",
+    "open_dataset",
+]
+
+
+def test_all_is_pinned() -> None:
+    assert sorted(framefeed.__all__) == EXPECTED_ALL
+
+
+def test_all_is_sorted_and_unique() -> None:
+    assert list(framefeed.__all__) == sorted(set(framefeed.__all__))
+
+
+@pytest.mark.parametrize("name", EXPECTED_ALL)
+def test_every_public_name_exists(name: str) -> None:
+    assert getattr(framefeed, name) is not None
+
+
+def test_version_is_a_string() -> None:
+    assert isinstance(framefeed.__version__, str)
+    assert framefeed.__version__.count(".") >= 1
+
+
+def test_exception_tree() -> None:
+    base = framefeed.FramefeedError
+    assert issubclass(base, Exception)
+    for exc in (
+        framefeed.ConfigError,
+        framefeed.FormatError,
+        framefeed.StorageError,
+        framefeed.DecodeError,
+        framefeed.FrameTimestampError,
+    ):
+        assert issubclass(exc, base), exc
+    assert issubclass(framefeed.ConfigError, ValueError)
+    assert issubclass(framefeed.StorageError, OSError)
+    assert issubclass(framefeed.FrameTimestampError, framefeed.DecodeError)
+
+
+def test_exceptions_pickle_round_trip() -> None:
+    """Errors cross process boundaries (DataLoader workers re-raise them in the parent)."""
+    import pickle
+
+    for exc_type in (
+        framefeed.ConfigError,
+        framefeed.FormatError,
+        framefeed.StorageError,
+        framefeed.DecodeError,
+        framefeed.FrameTimestampError,
+    ):
+        err = pickle.loads(pickle.dumps(exc_type("file.mp4: episode 3: boom")))
+        assert type(err) is exc_type
+        assert "file.mp4: episode 3: boom" in str(err)
+
+
+def test_decoders_satisfy_the_protocol() -> None:
+    for cls in (
+        framefeed.NumericDecoder,
+        framefeed.ImageDecoder,
+        framefeed.TextDecoder,
+        framefeed.TaskDecoder,
+        framefeed.VideoFrameDecoder,
+    ):
+        assert isinstance(cls(), framefeed.Decoder), cls
