@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -310,3 +311,29 @@ def test_close_is_idempotent(plain_root: Path) -> None:
     engine.decode([FrameRequest(path=path, times=times, out=out2)], tolerance_s=1e-4)
     engine.close()
     assert np.array_equal(out, out2)
+
+
+def _os_threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads through /proc")
+def test_cached_decoders_start_no_threads(rollover_root: Path) -> None:
+    """A single-threaded engine decodes in the caller's thread; idle decoders own no threads.
+
+    Every cached decoder that held its own pool (for example FFmpeg's scaler with automatic
+    threads, one thread per core) would multiply threads by cores x cached decoders x workers.
+    """
+    ds = framefeed.open_dataset(rollover_root)
+    files = [(k, p) for k in (TOP, WRIST) for p in sorted(set(ds.video_paths[k].tolist()))]
+    before = _os_threads()
+    with VideoEngine(Storage(rollover_root), threads=1, codec_threads=1) as engine:
+        for key, path in files:
+            height, width = ds.columns[key].shape[:2]
+            pos = int(np.flatnonzero(ds.video_paths[key] == path)[0])
+            out = _out(2, height, width)
+            times = float(ds.video_from[key][pos]) + np.array([0.0, 1.0]) / FPS
+            engine.decode([FrameRequest(path=path, times=times, out=out)], tolerance_s=1e-4)
+        assert len(engine.cache) == len(files)
+        grown = _os_threads() - before
+    assert grown < len(files), f"{grown} new OS threads for {len(files)} cached decoders"

@@ -2,9 +2,10 @@
 
 Decoders are checked out by one thread and checked back in, so two threads never share one.
 Everything here belongs to the process that created it. Right after a ``fork`` a hook parks
-every cache's inherited decoders in a list that is never freed: releasing an FFmpeg decoder
-(dav1d joins its worker threads) in a child, where the parent's threads do not exist, hangs.
-The child's caches start empty. This registry is the one piece of module state in framefeed,
+every cache's inherited decoders in a list that is never freed: releasing FFmpeg objects that
+own worker threads (a threaded scaler or codec) in a child, where the parent's threads do not
+exist, hangs. Decoders are built single-threaded, so this is defence in depth; the child's
+caches start empty. This registry is the one piece of module state in framefeed,
 and it exists only to make ``fork`` safe.
 """
 

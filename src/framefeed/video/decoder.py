@@ -138,6 +138,7 @@ class FrameDecoder:
             height=height,
             format="gbrp",
             interpolation=Interpolation.AREA if size is not None else None,
+            threads=1,  # PyAV's default (0) gives every scaler a pool of one thread per core
         )
         targets = wanted[pts]
         first = targets[0]
