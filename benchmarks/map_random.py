@@ -172,7 +172,7 @@ class Ceiling:
         for frame in decoded:
             if frame.pts in pending:
                 pending.discard(frame.pts)
-                self.scaler.reformat(frame, format="rgb24").to_ndarray()
+                self.scaler.reformat(frame, format="rgb24", threads=1).to_ndarray()
                 got += 1
         return got
 
@@ -205,7 +205,7 @@ class PyAVSeek:
                 for frame in container.decode(stream):
                     self.position[path] = frame.pts
                     if frame.pts >= target:
-                        self.scaler.reformat(frame, format="rgb24").to_ndarray()
+                        self.scaler.reformat(frame, format="rgb24", threads=1).to_ndarray()
                         got += 1
                         break
         return got

@@ -23,6 +23,7 @@ EXPECTED_ALL = [
     "IterableDataset",
     "MapDataset",
     "NumericDecoder",
+    "RetryPolicy",
     "SampleIndex",
     "Segment",
     "StorageError",

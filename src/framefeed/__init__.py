@@ -25,6 +25,7 @@ from .fields import (
 from .formats import open_dataset
 from .index import SampleIndex
 from .loader import collate
+from .storage import RetryPolicy
 
 __version__ = "0.1.0"
 
@@ -43,6 +44,7 @@ __all__ = [
     "IterableDataset",
     "MapDataset",
     "NumericDecoder",
+    "RetryPolicy",
     "SampleIndex",
     "Segment",
     "StorageError",

@@ -9,6 +9,8 @@ per process.
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 import posixpath
@@ -16,6 +18,7 @@ import random
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -56,8 +59,19 @@ class RetryPolicy:
 
 _TRANSIENT_TEXT = re.compile(
     r"(?i)(\b5\d\d\b|slow ?down|throttl|reset|timed? ?out|timeout|temporar|unavailable|"
-    r"connection|broken pipe|too many requests|\b429\b)"
+    r"connection|broken pipe|too many requests|\b429\b|request rate)"
 )
+
+
+_TRANSIENT_ERRNO = {
+    errno.EBUSY,
+    errno.EAGAIN,
+    errno.ETIMEDOUT,
+    errno.ECONNRESET,
+    errno.ECONNABORTED,
+    errno.ECONNREFUSED,
+    errno.EPIPE,
+}
 
 
 def _transient(exc: BaseException) -> bool:
@@ -65,14 +79,23 @@ def _transient(exc: BaseException) -> bool:
         return False
     if isinstance(exc, ConnectionError | TimeoutError):
         return True
+    if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNO:
+        return True  # s3fs maps SlowDown/503 to EBUSY
     return bool(_TRANSIENT_TEXT.search(f"{type(exc).__name__} {exc}"))
 
 
 class Storage:
     """Read access to the files under one root (a local folder or an fsspec URL)."""
 
-    def __init__(self, root: str | os.PathLike[str], *, retry: RetryPolicy | None = None) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        storage_options: dict[str, Any] | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> None:
         self.retry = retry if retry is not None else RetryPolicy()
+        self.storage_options: dict[str, Any] = dict(storage_options or {})
         root_s = os.fspath(root)
         if root_s.startswith("file://"):
             root_s = root_s[len("file://") :]
@@ -86,7 +109,12 @@ class Storage:
         return f"Storage({redact(self.root)!r})"
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"root": self.root, "is_local": self.is_local, "retry": self.retry}
+        return {
+            "root": self.root,
+            "is_local": self.is_local,
+            "retry": self.retry,
+            "storage_options": self.storage_options,
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -100,7 +128,7 @@ class Storage:
         if self._fs is None:
             import fsspec
 
-            self._fs, _ = fsspec.core.url_to_fs(self.root)
+            self._fs, _ = fsspec.core.url_to_fs(self.root, **self.storage_options)
         return self._fs
 
     def url(self, rel: str) -> str:
@@ -125,17 +153,22 @@ class Storage:
         hits = self.fs.glob(posixpath.join(base, pattern))
         return sorted(posixpath.relpath(h, base) for h in hits)
 
-    def open(self, rel: str) -> IO[bytes]:
-        """Open ``rel`` for binary reading; the caller closes it."""
+    def open(self, rel: str, *, buffer_size: int = 1 << 20) -> IO[bytes]:
+        """Open ``rel`` for binary reading; the caller closes it.
+
+        A remote file is read through `read_range` (ranged requests with retries), buffered
+        ``buffer_size`` bytes at a time.
+        """
         path = self.url(rel)
         try:
             if self.is_local:
                 return open(path, "rb")
-            return self.fs.open(path, "rb")  # type: ignore[no-any-return]
+            raw = _RangeFile(self, rel, self.size(rel))
+            return io.BufferedReader(raw, buffer_size=buffer_size)
         except FileNotFoundError as exc:
-            raise StorageError(f"{path}: file not found") from exc
+            raise StorageError(f"{redact(path)}: file not found") from exc
         except OSError as exc:
-            raise StorageError(f"{path}: cannot open ({exc})") from exc
+            raise StorageError(f"{redact(path)}: cannot open ({redact(str(exc))})") from exc
 
     def read_range(self, rel: str, start: int, stop: int) -> bytes:
         """Bytes ``start..stop`` of ``rel`` (exactly that many; fewer only at end of file).
@@ -158,35 +191,44 @@ class Storage:
                 os.close(fd)
             self._count(len(data))
             return data
+        data = self._with_retries(
+            lambda: bytes(self.fs.cat_file(path, start=start, end=stop)),
+            f"{redact(path)} bytes {start}..{stop}",
+        )
+        self._count(len(data))
+        return data
+
+    def _with_retries(self, call: Callable[[], bytes], what: str) -> bytes:
+        """``call()``, retried on transient errors with exponential backoff and full jitter."""
         policy = self.retry
         for attempt in range(policy.attempts):
             try:
                 with self._gate:
-                    data = bytes(self.fs.cat_file(path, start=start, end=stop))
-                self._count(len(data))
-                return data
+                    return call()
             except Exception as exc:
                 if not _transient(exc):
-                    raise StorageError(
-                        f"{redact(path)} bytes {start}..{stop}: {redact(str(exc))}"
-                    ) from None
+                    raise StorageError(f"{what}: {redact(str(exc))}") from None
                 if attempt + 1 == policy.attempts:
                     raise StorageError(
-                        f"{redact(path)} bytes {start}..{stop}: still failing after "
-                        f"{policy.attempts} tries ({type(exc).__name__}: {redact(str(exc))})"
+                        f"{what}: still failing after {policy.attempts} tries "
+                        f"({type(exc).__name__}: {redact(str(exc))})"
                     ) from None
                 self.stats["retries"] += 1
                 delay = min(policy.max_delay_s, policy.base_delay_s * 2**attempt)
                 time.sleep(random.uniform(0, delay))  # full jitter
-        raise AssertionError("unreachable")
+        raise StorageError(f"{what}: no attempt was made (retry.attempts < 1)")
 
     def _count(self, n: int) -> None:
         self.stats["range_reads"] += 1
         self.stats["bytes_read"] += n
 
     def read_bytes(self, rel: str) -> bytes:
-        with self.open(rel) as fh:
-            return fh.read()
+        """The whole of ``rel`` (retried like range reads when remote)."""
+        if self.is_local:
+            with self.open(rel) as fh:
+                return fh.read()
+        path = self.url(rel)
+        return self._with_retries(lambda: bytes(self.fs.cat_file(path)), redact(path))
 
     def read_json(self, rel: str) -> Any:
         data = self.read_bytes(rel)
@@ -247,3 +289,43 @@ class RangeReader:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+class _RangeFile(io.RawIOBase):
+    """A read-only, seekable file over `Storage.read_range`."""
+
+    def __init__(self, storage: Storage, rel: str, size: int) -> None:
+        super().__init__()
+        self._storage = storage
+        self._rel = rel
+        self._size = size
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        stop = min(self._size, self._pos + len(view))
+        if stop <= self._pos:
+            return 0
+        data = self._storage.read_range(self._rel, self._pos, stop)
+        if len(data) != stop - self._pos:
+            raise StorageError(
+                f"{redact(self._storage.url(self._rel))}: short read at {self._pos} "
+                f"({len(data)} of {stop - self._pos} bytes); the object changed or is truncated"
+            )
+        view[: len(data)] = data
+        self._pos += len(data)
+        return len(data)

@@ -3,24 +3,32 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from ..catalog import Dataset
 from ..errors import FormatError
-from ..storage import Storage
+from ..storage import RetryPolicy, Storage
 from .lerobot import is_lerobot, open_lerobot
 
 __all__ = ["open_dataset"]
 
 
-def open_dataset(path_or_url: str | os.PathLike[str] | Dataset) -> Dataset:
+def open_dataset(
+    path_or_url: str | os.PathLike[str] | Dataset,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    retry: RetryPolicy | None = None,
+) -> Dataset:
     """Open the dataset at a local path or fsspec URL (``s3://``, ``gs://``, ``https://``, ...).
 
     Only metadata is read: no data or video file is opened. The format is detected from the
-    files present; today that is LeRobot v3 (``meta/info.json``).
+    files present; today that is LeRobot v3 (``meta/info.json``). ``storage_options`` go to
+    fsspec (for S3: ``{"client_kwargs": {"endpoint_url": ...}, "key": ..., "secret": ...}``);
+    ``retry`` sets how remote range reads retry transient failures.
     """
     if isinstance(path_or_url, Dataset):
         return path_or_url
-    storage = Storage(path_or_url)
+    storage = Storage(path_or_url, storage_options=storage_options, retry=retry)
     if is_lerobot(storage):
         return open_lerobot(storage)
     if storage.is_local and not os.path.exists(storage.root):

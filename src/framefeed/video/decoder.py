@@ -44,6 +44,8 @@ class FrameDecoder:
         self._ctx.open()
         self._scaler = VideoReformatter()
         self.pid = os.getpid()
+        self.packet_bytes = 0
+        """Sum of the sizes of the packets fed to the codec (what decoding needed)."""
 
     @property
     def nbytes(self) -> int:
@@ -74,6 +76,7 @@ class FrameDecoder:
         pos = idx.pos[first : last + 1]
         size = idx.size[first : last + 1]
         start, stop = int(pos.min()), int((pos + size).max())
+        self.packet_bytes += int(size.sum())
         if stop - start <= 2 * int(size.sum()):
             blob = memoryview(self._read(start, stop))
             chunks = [blob[p - start : p - start + s] for p, s in zip(pos, size, strict=True)]

@@ -52,6 +52,7 @@ class EngineStats:
     frames_returned: int = 0
     frames_decoded: int = 0
     bytes_read: int = 0
+    packet_bytes: int = 0
     index_seconds: float = 0.0
     decode_seconds: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -61,6 +62,7 @@ class EngineStats:
             "frames_returned": self.frames_returned,
             "frames_decoded": self.frames_decoded,
             "bytes_read": self.bytes_read,
+            "packet_bytes": self.packet_bytes,
             "index_seconds": self.index_seconds,
             "decode_seconds": self.decode_seconds,
         }
@@ -259,7 +261,7 @@ class VideoEngine:
                 task.index, RangeReader(self.storage, path), threads=self.codec_threads
             ),
         )
-        before = decoder.bytes_read
+        before, packets_before = decoder.bytes_read, decoder.packet_bytes
         try:
             produced, done = decoder.decode_runs(task.runs, task.wanted, size=size)
         except FramefeedError as exc:
@@ -270,6 +272,7 @@ class VideoEngine:
             self.stats.frames_decoded += produced
             self.stats.frames_returned += sum(len(v) for p, v in task.wanted.items() if p in done)
             self.stats.bytes_read += decoder.bytes_read - before
+            self.stats.packet_bytes += decoder.packet_bytes - packets_before
             self.stats.decode_seconds += time.perf_counter() - t0
         return done
 
