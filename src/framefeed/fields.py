@@ -213,6 +213,10 @@ class VideoFrameDecoder:
                     out=flat,
                     slots=sel,
                     describe=_describer(ds, col.path, segs[sel], request.frames.reshape(-1)[sel]),
+                    segments=np.stack(
+                        [ds.video_from[col.path][segs[sel]], ds.video_to[col.path][segs[sel]]],
+                        axis=1,
+                    ),
                 )
             )
         if not request.windowed or t == 1:

@@ -102,6 +102,7 @@ class Storage:
         self.root: str = root_s.rstrip("/") if _is_url(root_s) else os.path.abspath(root_s)
         self.is_local: bool = not _is_url(self.root)
         self._fs: Any = None
+        self._fs_pid = -1
         self._gate = threading.BoundedSemaphore(self.retry.max_concurrency)
         self.stats = {"range_reads": 0, "bytes_read": 0, "retries": 0}
 
@@ -119,16 +120,25 @@ class Storage:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._fs = None
+        self._fs_pid = -1
         self._gate = threading.BoundedSemaphore(self.retry.max_concurrency)
         self.stats = {"range_reads": 0, "bytes_read": 0, "retries": 0}
 
     @property
     def fs(self) -> Any:
-        """The fsspec filesystem for a URL root (created on first use, per process)."""
-        if self._fs is None:
+        """The fsspec filesystem for a URL root (created on first use, per process).
+
+        A filesystem inherited through ``fork`` is never used: async ones (s3fs, gcsfs) are
+        bound to an event-loop thread that does not exist in the child.
+        """
+        if self._fs is None or self._fs_pid != os.getpid():
             import fsspec
 
-            self._fs, _ = fsspec.core.url_to_fs(self.root, **self.storage_options)
+            options = {"skip_instance_cache": True, **self.storage_options}
+            self._fs, _ = fsspec.core.url_to_fs(self.root, **options)
+            if self._fs_pid != -1:  # a forked child: the parent may have held the gate
+                self._gate = threading.BoundedSemaphore(self.retry.max_concurrency)
+            self._fs_pid = os.getpid()
         return self._fs
 
     def url(self, rel: str) -> str:

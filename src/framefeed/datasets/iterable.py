@@ -40,6 +40,8 @@ from ..video.engine import VideoEngine
 __all__ = ["IterableDataset", "merge_worker_states", "resolve_rank"]
 
 _STATE_VERSION = 1
+SEGMENT_CACHE_BYTES = 512 << 20
+"""Bytes of whole-episode video kept per consumer when streaming from a remote store."""
 
 
 def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -235,7 +237,14 @@ class IterableDataset(torch.utils.data.IterableDataset[Any]):
             if threads is None:
                 in_worker = torch.utils.data.get_worker_info() is not None
                 threads = 1 if in_worker else max(1, min(os.cpu_count() or 1, 8))
-            engine = VideoEngine(self.dataset.storage, threads=threads)
+            # Remote streaming fetches each pool episode's packets in one request and keeps them
+            # while the episode is in the pool (bounded): one request per episode per camera.
+            remote = not self.dataset.storage.is_local
+            engine = VideoEngine(
+                self.dataset.storage,
+                threads=threads,
+                segment_cache_bytes=SEGMENT_CACHE_BYTES if remote else 0,
+            )
             self._planner = BatchPlanner(
                 self.dataset, self.index, self.fields, engine, self.tolerance_s
             )

@@ -70,15 +70,24 @@ class FrameDecoder:
             )
         return data
 
-    def _packets(self, first: int, last: int) -> Iterator[av.Packet]:  # type: ignore[type-arg]
-        """Packets ``first..last`` (decode order), read with one ranged read when contiguous."""
+    def _packets(self, first: int, last: int, fetched: bytes | None = None) -> Iterator[av.Packet]:  # type: ignore[type-arg]
+        """Packets ``first..last`` (decode order), read with one ranged read when contiguous.
+
+        ``fetched`` holds the bytes of `run_span` when they were fetched ahead.
+        """
         idx = self.index
         pos = idx.pos[first : last + 1]
         size = idx.size[first : last + 1]
-        start, stop = int(pos.min()), int((pos + size).max())
+        span = run_span(idx, first, last)
         self.packet_bytes += int(size.sum())
-        if stop - start <= 2 * int(size.sum()):
-            blob = memoryview(self._read(start, stop))
+        if span is not None:
+            start, stop = span
+            if fetched is not None and len(fetched) != stop - start:
+                raise DecodeError(
+                    f"{self.index.path}: truncated file: wanted bytes {start}..{stop}, "
+                    f"got {len(fetched)} bytes"
+                )
+            blob = memoryview(fetched if fetched is not None else self._read(start, stop))
             chunks = [blob[p - start : p - start + s] for p, s in zip(pos, size, strict=True)]
         else:
             chunks = [
@@ -98,6 +107,7 @@ class FrameDecoder:
         wanted: Mapping[int, Sequence[np.ndarray]],
         *,
         size: tuple[int, int] | None = None,
+        fetched: Mapping[tuple[int, int], bytes] | None = None,
     ) -> tuple[int, set[int]]:
         """Decode each run ``(first_packet, last_packet)`` and fill the wanted frames.
 
@@ -108,7 +118,8 @@ class FrameDecoder:
         done: set[int] = set()
         for first, last in runs:
             try:
-                for packet in self._packets(first, last):
+                blob = fetched.get((first, last)) if fetched is not None else None
+                for packet in self._packets(first, last, blob):
                     for frame in self._ctx.decode(packet):
                         produced += 1
                         self._deliver(frame, wanted, done, size)
@@ -152,3 +163,12 @@ class FrameDecoder:
         for other in targets[1:]:
             other[...] = first
         done.add(pts)
+
+
+def run_span(index: VideoIndex, first: int, last: int) -> tuple[int, int] | None:
+    """Byte range covering packets ``first..last``, or None when they are too scattered
+    (the span would be more than twice their total size) to read in one request."""
+    pos = index.pos[first : last + 1]
+    size = index.size[first : last + 1]
+    start, stop = int(pos.min()), int((pos + size).max())
+    return (start, stop) if stop - start <= 2 * int(size.sum()) else None

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ import numpy as np
 from ..errors import DecodeError, FramefeedError, FrameTimestampError
 from ..storage import RangeReader, Storage
 from .cache import _INHERITED, DecoderCache
-from .decoder import FrameDecoder
+from .decoder import FrameDecoder, run_span
 from .index import VideoIndex
 from .mp4 import parse_mp4_index
 
@@ -43,6 +44,9 @@ class FrameRequest:
     """Row of ``out`` for each time (default: ``out[i]`` for ``times[i]``)."""
     describe: Callable[[int], str] | None = None
     """Names the sample behind ``times[i]`` in error messages (episode, camera)."""
+    segments: np.ndarray | None = None
+    """Optional (N, 2) seconds ``[from, to)`` of the segment each time belongs to. With a
+    segment cache (remote streaming), a segment's packets are fetched in one request."""
 
 
 @dataclass
@@ -55,6 +59,7 @@ class EngineStats:
     packet_bytes: int = 0
     index_seconds: float = 0.0
     decode_seconds: float = 0.0
+    fetch_seconds: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def as_dict(self) -> dict[str, float]:
@@ -65,7 +70,12 @@ class EngineStats:
             "packet_bytes": self.packet_bytes,
             "index_seconds": self.index_seconds,
             "decode_seconds": self.decode_seconds,
+            "fetch_seconds": self.fetch_seconds,
         }
+
+
+_Fetch = tuple["_Task", tuple[int, int], tuple[int, int], tuple[str, int, int] | None]
+"""A run to fetch: its task, the run, its byte span, and the cached segment holding it."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -79,7 +89,11 @@ class _Task:
     runs: list[tuple[int, int]]
     wanted: dict[int, list[np.ndarray]]
     cost: int
-    first_item: int
+    segment_spans: list[tuple[int, int]] = field(default_factory=list)
+    """Byte spans of the whole segments this task's targets belong to (if requested)."""
+    fetched: dict[tuple[int, int], bytes] = field(default_factory=dict)
+    """Bytes of runs fetched ahead (remote storage), by run."""
+    first_item: int = 0
     """Position in ``request.times`` of one target of this task (for error messages)."""
 
 
@@ -97,6 +111,7 @@ class VideoEngine:
         threads: int = 1,
         codec_threads: int = 1,
         cache: DecoderCache | None = None,
+        segment_cache_bytes: int = 0,
     ) -> None:
         if threads < 1 or codec_threads < 1:
             raise ValueError("threads and codec_threads must be at least 1")
@@ -107,11 +122,19 @@ class VideoEngine:
         self.stats = EngineStats()
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid = os.getpid()
+        self._io_pool: ThreadPoolExecutor | None = None
+        self._io_pid = os.getpid()
+        self.segment_cache_bytes = segment_cache_bytes
+        self._segments: OrderedDict[tuple[str, int, int], bytes] = OrderedDict()
+        self._segments_size = 0
 
     def __getstate__(self) -> dict[str, object]:
         state = self.__dict__.copy()
         state.update(
+            _segments=OrderedDict(),
+            _segments_size=0,
             _pool=None,
+            _io_pool=None,
             stats=EngineStats(),
             cache=DecoderCache(
                 max_decoders=self.cache.max_decoders, max_bytes=self.cache.max_bytes
@@ -159,6 +182,8 @@ class VideoEngine:
             tasks.extend(self._plan(path, (height, width), group, tolerance_s))
         if not tasks:
             return
+        if not self.storage.is_local:
+            self._fetch_ahead(tasks)
         tasks.sort(key=lambda t: -t.cost)
         if self.threads == 1 or len(tasks) == 1:
             results = [self._run(t) for t in tasks]
@@ -176,6 +201,77 @@ class VideoEngine:
                     "keyframe flags are wrong"
                 )
                 raise _in_context(exc, task.request, task.first_item)
+
+    def _fetch_ahead(self, tasks: list[_Task]) -> None:
+        """Fetch every run's bytes of a remote batch at once (bounded concurrency).
+
+        Object stores answer one request in milliseconds but serve many in parallel, so the
+        batch's ranges are requested together, before decoding, instead of one by one. With a
+        segment cache, a run inside a whole segment's span is served from that segment's bytes,
+        fetched once in one request and kept (LRU, bounded) while later batches need it.
+        """
+        t0 = time.perf_counter()
+        plan: list[_Fetch] = []
+        missing: dict[tuple[str, int, int], None] = {}
+        for task in tasks:
+            for run in task.runs:
+                span = run_span(task.index, *run)
+                if span is None:
+                    continue
+                home = next(
+                    (
+                        (task.path, a, b)
+                        for a, b in task.segment_spans
+                        if a <= span[0] and span[1] <= b
+                    ),
+                    None,
+                )
+                plan.append((task, run, span, home))
+                if home is not None and home not in self._segments:
+                    missing[home] = None
+        # Cached segments this batch uses, taken now: fetching may evict them below.
+        have: dict[tuple[str, int, int], bytes] = {}
+        for *_, home in plan:
+            if home is not None and home in self._segments:
+                self._segments.move_to_end(home)
+                have[home] = self._segments[home]
+        direct = [i for i, p in enumerate(plan) if p[3] is None]
+        ranges = [(plan[i][0].path, *plan[i][2]) for i in direct] + list(missing)
+        if len(ranges) > 1:
+            blobs = list(self._io_executor().map(lambda r: self.storage.read_range(*r), ranges))
+        else:
+            blobs = [self.storage.read_range(*r) for r in ranges]
+        for i, blob in zip(direct, blobs, strict=False):
+            task, run = plan[i][0], plan[i][1]
+            task.fetched[run] = blob
+        for key, blob in zip(missing, blobs[len(direct) :], strict=True):
+            self._remember(key, blob)
+        fresh = dict(zip(missing, blobs[len(direct) :], strict=True))
+        for task, run, span, home in plan:
+            if home is not None:
+                blob = have[home] if home in have else fresh[home]
+                task.fetched[run] = blob[span[0] - home[1] : span[1] - home[1]]
+        with self.stats.lock:
+            self.stats.bytes_read += sum(len(b) for b in blobs)
+            self.stats.fetch_seconds += time.perf_counter() - t0
+
+    def _io_executor(self) -> ThreadPoolExecutor:
+        if self._io_pool is None or self._io_pid != os.getpid():
+            self._io_pool = ThreadPoolExecutor(
+                self.storage.retry.max_concurrency, thread_name_prefix="framefeed-fetch"
+            )
+            self._io_pid = os.getpid()
+        return self._io_pool
+
+    def _remember(self, key: tuple[str, int, int], blob: bytes) -> None:
+        """Keep a segment's bytes, evicting the least recently used over the byte bound."""
+        if len(blob) > self.segment_cache_bytes:
+            return
+        self._segments[key] = blob
+        self._segments_size += len(blob)
+        while self._segments_size > self.segment_cache_bytes:
+            _, old = self._segments.popitem(last=False)
+            self._segments_size -= len(old)
 
     def _executor(self) -> ThreadPoolExecutor:
         if self._pool is not None and self._pool_pid != os.getpid():
@@ -211,7 +307,13 @@ class VideoEngine:
         wanted: dict[int, list[np.ndarray]] = {}
         item_of: dict[int, tuple[FrameRequest, int]] = {}
         all_packets = []
+        segment_spans: set[tuple[int, int]] = set()
         for request in requests:
+            if request.segments is not None and self.segment_cache_bytes > 0:
+                for t0, t1 in np.unique(np.asarray(request.segments), axis=0).tolist():
+                    span = _segment_span(index, t0, t1, tolerance_s)
+                    if span is not None:
+                        segment_spans.add(span)
             packets = index.locate(request.times, tolerance_s, request.describe)
             slots = request.slots if request.slots is not None else np.arange(len(packets))
             if len(slots) != len(packets):
@@ -246,6 +348,7 @@ class VideoEngine:
                     runs=group,
                     wanted={p: wanted[p] for p in pts_in},
                     cost=sum(last - first + 1 for first, last in group),
+                    segment_spans=sorted(segment_spans),
                     first_item=item,
                 )
             )
@@ -263,7 +366,9 @@ class VideoEngine:
         )
         before, packets_before = decoder.bytes_read, decoder.packet_bytes
         try:
-            produced, done = decoder.decode_runs(task.runs, task.wanted, size=size)
+            produced, done = decoder.decode_runs(
+                task.runs, task.wanted, size=size, fetched=task.fetched
+            )
         except FramefeedError as exc:
             decoder.close()
             raise _in_context(exc, task.request, task.first_item) from exc
@@ -289,6 +394,19 @@ def build_index(storage: Storage, path: str) -> VideoIndex:
             reader.close()
     with storage.open(path) as fh:
         return VideoIndex.from_file(fh, url)
+
+
+def _segment_span(
+    index: VideoIndex, t0: float, t1: float, tolerance_s: float
+) -> tuple[int, int] | None:
+    """Byte span of the packets a segment ``[t0, t1)`` (seconds) needs: from the keyframe
+    anchoring its first frame to its last frame; None if it is too scattered to fetch whole."""
+    times = index.seconds(index.pts)
+    inside = np.flatnonzero((times >= t0 - tolerance_s) & (times < t1 - tolerance_s))
+    if inside.size == 0:
+        return None
+    first = min(index.anchor(int(inside[np.argmin(index.pts[inside])])), int(inside.min()))
+    return run_span(index, first, int(inside.max()))
 
 
 def _check_out(out: np.ndarray) -> None:
