@@ -9,6 +9,7 @@ import framefeed
 pytestmark = pytest.mark.timeout(30)
 
 EXPECTED_ALL = [
+    "CacheConfig",
     "Column",
     "ColumnKind",
     "ConfigError",

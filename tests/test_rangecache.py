@@ -3,13 +3,17 @@ when several processes (fork and spawn) share one folder."""
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import multiprocessing
 import os
 import pickle
 import random
+import signal
 import tempfile
+import threading
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from framefeed.errors import ConfigError, StorageError
-from framefeed.rangecache import CacheConfig, RangeCache, _decode
+from framefeed.rangecache import _HEADER, CacheConfig, RangeCache, _decode, _Index, _token
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -36,7 +40,7 @@ class Remote:
         self.objects = objects
         self.calls: list[tuple[str, int, int]] = []
 
-    def fetch(self, key: str) -> Any:
+    def fetch(self, key: str) -> Callable[[int, int], bytes]:
         def get(a: int, b: int) -> bytes:
             self.calls.append((key, a, b))
             return self.objects[key][a:b]
@@ -55,15 +59,13 @@ def _failing(a: int, b: int) -> bytes:
 
 def _intervals(cache: RangeCache, key: str) -> list[tuple[int, int]]:
     """The valid intervals that the sidecar of ``key`` publishes."""
-    import hashlib
-
     name = hashlib.sha256(key.encode()).hexdigest()[:40]
     root = Path(cache.config.directory)
-    index = _decode(
-        (root / f"{name}.idx").read_bytes(),
-        (root / f"{name}.data").stat().st_ino,
-        cache._boot,
-    )
+    fd = os.open(root / f"{name}.data", os.O_RDONLY)
+    try:
+        index = _decode((root / f"{name}.idx").read_bytes(), _token(fd), cache._boot)
+    finally:
+        os.close(fd)
     assert index is not None
     return index.intervals
 
@@ -90,7 +92,7 @@ def test_config_and_arguments_are_validated(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="directory"):
         CacheConfig(directory="")
     with pytest.raises(TypeError):
-        CacheConfig(str(tmp_path))  # type: ignore[misc]
+        CacheConfig(str(tmp_path))  # type: ignore[call-arg]
     (tmp_path / "file").write_bytes(b"not a folder")
     with pytest.raises(StorageError, match="cannot create"):
         RangeCache(CacheConfig(directory=str(tmp_path / "file" / "sub")))
@@ -221,6 +223,64 @@ def test_eviction_keeps_the_bound_and_removes_least_recently_used(tmp_path: Path
         assert files() == 2
 
 
+def test_eviction_skips_objects_being_read(tmp_path: Path) -> None:
+    remote = Remote({k: _source(i, 800) for i, k in enumerate("ABC")})
+    root = tmp_path / "c"
+    with RangeCache(CacheConfig(directory=str(root), max_bytes=1000)) as cache:
+        cache.read("A", 0, 400, remote.fetch("A"))  # A is the least recently used from here on
+        inside, release = threading.Event(), threading.Event()
+        result: list[bytes] = []
+
+        def slow(a: int, b: int) -> bytes:
+            inside.set()
+            assert release.wait(30)
+            return remote.objects["A"][a:b]
+
+        reader = threading.Thread(target=lambda: result.append(cache.read("A", 0, 800, slow)))
+        reader.start()
+        try:
+            assert inside.wait(30)
+            cache.read("B", 0, 400, remote.fetch("B"))
+            cache.read("C", 0, 400, remote.fetch("C"))  # 1200: A is busy, so B goes
+            assert cache.read("A", 0, 400, _failing) == remote.objects["A"][:400]
+            assert cache.read("C", 0, 400, _failing) == remote.objects["C"][:400]
+            assert cache.stats()["evicted_bytes"] == 400
+        finally:
+            release.set()
+            reader.join(30)
+        assert result == [remote.objects["A"]]
+        assert cache.read("A", 0, 800, _failing) == remote.objects["A"]  # stored; C went
+        assert cache.stats()["cached_bytes"] == _on_disk_total(cache) == 800
+
+
+def _killed_mid_fetch(directory: str, inside: Any) -> None:
+    def hang(a: int, b: int) -> bytes:
+        inside.set()
+        signal.pause()
+        return b""
+
+    RangeCache(CacheConfig(directory=directory, max_bytes=1000)).read("A", 0, 400, hang)
+
+
+def test_a_killed_reader_leaves_a_usable_cache(tmp_path: Path) -> None:
+    remote = Remote({"A": _source(1, 800), "B": _source(2, 800)})
+    directory = str(tmp_path / "c")
+    ctx = multiprocessing.get_context("fork")
+    inside = ctx.Event()
+    child = ctx.Process(target=_killed_mid_fetch, args=(directory, inside))
+    child.start()
+    try:
+        assert inside.wait(CHILD_TIMEOUT["fork"])
+    finally:
+        child.kill()
+        child.join(CHILD_TIMEOUT["fork"])
+    with RangeCache(CacheConfig(directory=directory, max_bytes=1000)) as cache:
+        assert cache.read("A", 0, 400, remote.fetch("A")) == remote.objects["A"][:400]
+        assert remote.ranges() == [(0, 400)]
+        cache.read("B", 0, 800, remote.fetch("B"))  # its lock died with it: A can be evicted
+        assert cache.stats()["cached_bytes"] == _on_disk_total(cache) == 800
+
+
 def test_a_lost_usage_counter_is_recounted(cache: RangeCache, remote: Remote) -> None:
     key = "s3://b/a.mp4"
     cache.read(key, 0, 700, remote.fetch(key))
@@ -244,9 +304,11 @@ def test_corrupt_or_stale_sidecars_are_discarded(cache: RangeCache, remote: Remo
         idx.write_bytes(bad)
         assert cache.read(key, 0, 1000, get) == src[:1000]
         assert remote.ranges() == [(0, 1000)]
-    data.write_bytes(b"")  # truncated data under a valid sidecar: read again, never zeros
-    assert cache.read(key, 0, 1000, get) == src[:1000]
-    assert remote.ranges() == [(0, 1000)]
+    for size in (_HEADER + 500, 0):  # data truncated under a valid sidecar: never zeros
+        os.truncate(data, size)
+        assert cache.read(key, 0, 1000, get) == src[:1000]
+        assert remote.ranges() == [(0, 1000)]
+        assert cache.read(key, 0, 1000, _failing) == src[:1000]
     data.unlink()  # data removed by a cleaner, sidecar left: names another inode
     data.write_bytes(bytes(2000))
     assert cache.read(key, 0, 1000, get) == src[:1000]
@@ -295,6 +357,15 @@ def test_a_full_disk_serves_uncached(
     assert _intervals(cache, key) == [(0, 10)]
     assert cache.read(key, 0, 500, remote.fetch(key)) == src[:500]
     assert remote.ranges() == [(0, 10), (10, 500), (10, 500)]
+
+
+def test_keys_never_reach_the_disk(cache: RangeCache) -> None:
+    key = "s3://AKIDSECRET:hunter2@bucket/v.mp4?X-Amz-Signature=deadbeef"
+    cache.read(key, 0, 100, lambda a, b: bytes(b - a))
+    root = Path(cache.config.directory)
+    blobs = b"".join(p.name.encode() + p.read_bytes() for p in root.iterdir())
+    for secret in (b"AKIDSECRET", b"hunter2", b"deadbeef", b"bucket"):
+        assert secret not in blobs
 
 
 def test_close_is_idempotent_and_final(tmp_path: Path) -> None:
@@ -371,7 +442,8 @@ def _check_consistent(root: Path, max_bytes: int) -> None:
     ids=["fork-fits", "fork-evicting", "spawn-evicting"],
 )
 def test_processes_share_one_cache(tmp_path: Path, method: str, max_bytes: int) -> None:
-    ctx = multiprocessing.get_context(method)
+    fork, spawn = multiprocessing.get_context("fork"), multiprocessing.get_context("spawn")
+    ctx = fork if method == "fork" else spawn
     root = tmp_path / "c"
     # Under fork the children inherit this very object (its handles are per process);
     # under spawn it travels pickled.
@@ -455,3 +527,33 @@ def test_any_read_sequence_returns_the_source_bytes(
             assert cache.stats()["cached_bytes"] <= max_bytes
         assert cache.stats()["fetched_bytes"] <= requested
         assert _on_disk_total(cache) <= cache.stats()["cached_bytes"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    adds=st.lists(st.tuples(st.integers(0, 60), st.integers(1, 12)), max_size=12),
+    query=st.tuples(st.integers(0, 80), st.integers(0, 30)),
+    end=st.none() | st.integers(0, 80),
+)
+def test_interval_index_matches_a_set_model(
+    adds: list[tuple[int, int]], query: tuple[int, int], end: int | None
+) -> None:
+    index = _Index()
+    model: set[int] = set()
+    for a, n in adds:
+        index.add(a, a + n)
+        model |= set(range(a, a + n))
+    if end is not None:
+        index.clip(end)
+        model = {x for x in model if x < end}
+    flat = [x for iv in index.intervals for x in iv]
+    assert flat == sorted(flat) and len(set(flat)) == len(flat)  # disjoint, not touching
+    assert {x for a, b in index.intervals for x in range(a, b)} == model
+    assert index.total == len(model)
+    start, length = query
+    pieces, gaps = index.split(start, start + length)
+    tiles = sorted(pieces + gaps)
+    assert [x for a, b in tiles for x in range(a, b)] == list(range(start, start + length))
+    assert all(set(range(a, b)) <= model for a, b in pieces)
+    assert all(not set(range(a, b)) & model for a, b in gaps)
+    assert all(x[1] < y[0] for x, y in itertools.pairwise(gaps))  # coalesced

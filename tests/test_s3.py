@@ -145,3 +145,21 @@ def test_errors_name_the_url_and_hide_credentials(s3: dict[str, Any]) -> None:
     assert "0..100" in message
     assert SECRET not in message
     assert SECRET not in repr(storage)
+
+
+def test_second_epoch_reads_the_local_cache(s3: dict[str, Any], tmp_path: Path) -> None:
+    cache = framefeed.CacheConfig(directory=str(tmp_path / "cache"), max_bytes=64 << 20)
+    url, options = f"s3://{BUCKET}/ds", _options(s3["server"].endpoint)
+    first = framefeed.open_dataset(url, storage_options=options, cache=cache)
+    local = framefeed.MapDataset(s3["local"])
+    epoch1 = [framefeed.MapDataset(first).__getitems__(list(range(len(local))))]
+    fetched_first = first.storage.stats["bytes_read"]
+    assert fetched_first > 0
+    # A new dataset object (as in a new process or the next run) with the same cache folder.
+    again = framefeed.open_dataset(url, storage_options=options, cache=cache)
+    epoch2 = framefeed.MapDataset(again).__getitems__(list(range(len(local))))
+    assert again.storage.stats["bytes_read"] == 0  # nothing refetched
+    expected = local.__getitems__(list(range(len(local))))
+    for a, b, c in zip(epoch1[0], epoch2, expected, strict=True):
+        _equal(a, c)
+        _equal(b, c)

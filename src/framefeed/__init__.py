@@ -25,11 +25,13 @@ from .fields import (
 from .formats import open_dataset
 from .index import SampleIndex
 from .loader import collate
+from .rangecache import CacheConfig
 from .storage import RetryPolicy
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CacheConfig",
     "Column",
     "ColumnKind",
     "ConfigError",

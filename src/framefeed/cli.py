@@ -21,6 +21,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_inspect.add_argument(
         "--no-video", action="store_true", help="skip opening video files (no codec/GOP column)"
     )
+    p_index = sub.add_parser(
+        "index", help="write packet-index sidecars for every video (resumable)"
+    )
+    p_index.add_argument("path", help="dataset folder or fsspec URL")
+    p_index.add_argument(
+        "--out", help="folder for the sidecars (default: meta/framefeed-index in the dataset)"
+    )
     p_demo = sub.add_parser(
         "demo", help="write a small synthetic dataset and train a toy loop on it"
     )
@@ -35,6 +42,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .summary import inspect_dataset
 
             print(inspect_dataset(args.path, video=not args.no_video))
+        elif args.command == "index":
+            from .formats import open_dataset
+            from .video.sidecar import DEFAULT_DIR, write_sidecars
+
+            ds = open_dataset(args.path)
+            videos = [str(p) for key in ds.video_keys for p in ds.video_paths[key].tolist()]
+            written, skipped = write_sidecars(ds.storage, videos, args.out)
+            where = args.out or ds.storage.url(DEFAULT_DIR)
+            print(f"indexed {written} video files, {skipped} already done, into {where}")
         elif args.command == "demo":
             from .demo import run_demo
 

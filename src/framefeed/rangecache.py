@@ -6,10 +6,12 @@ one node does not download again what still fits under `CacheConfig.max_bytes`.
 
 Layout of `CacheConfig.directory` (flat; only these names are ever created or removed):
 
-- ``<h>.data``: a sparse file holding the object's bytes at their own offsets (``os.pwrite``),
-  where ``h`` is a SHA-256 prefix of the key (the key itself is never written to disk);
-- ``<h>.idx``: its sidecar, the sorted, coalesced valid intervals, the known end of the object,
-  the data file's inode and the boot id, with a CRC (anything invalid reads as empty);
+- ``<h>.data``: a sparse file holding the object's bytes at their own offsets plus one page
+  (``os.pwrite``), where ``h`` is a SHA-256 prefix of the key (the key is never written to
+  disk); the first page holds a random token that identifies this very file;
+- ``<h>.idx``: its sidecar: the sorted, coalesced valid intervals, the known end of the object,
+  the data file's token and the boot id, with a CRC. A sidecar that is truncated, corrupt, or
+  names another token (its data file was deleted and made again) reads as empty;
 - ``usage``: the running total of cached payload bytes (a counter, and the lock that guards it);
 - ``evict.lock``: held by the one process that evicts at a time.
 
@@ -46,6 +48,7 @@ import time
 import uuid
 import warnings
 import zlib
+from array import array
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -58,9 +61,12 @@ __all__ = ["CacheConfig", "RangeCache"]
 
 Interval = tuple[int, int]
 
-_IDX_HEAD = struct.Struct("<8sQq16sI")  # magic, data inode, known end (-1: unknown), boot, count
+_IDX_HEAD = struct.Struct("<8sQq16sI")  # magic, data token, known end (-1: unknown), boot, count
 _IDX_MAGIC = b"FFRCIDX1"
 _CRC = struct.Struct("<I")
+_TOKEN = struct.Struct("<8sQ")  # at offset 0 of a data file: magic, random nonzero token
+_DATA_MAGIC = b"FFRCDAT1"
+_HEADER = 4096  # object offset x lives at data file offset _HEADER + x (page aligned)
 _USAGE = struct.Struct("<8sqI")  # magic, payload bytes, crc of the first two
 _USAGE_MAGIC = b"FFRCUSE1"
 _NAME = re.compile(r"([0-9a-f]{40})\.(?:data|idx)")
@@ -91,82 +97,89 @@ class CacheConfig:
             raise ConfigError(f"CacheConfig.max_bytes must be >= 0, got {self.max_bytes}")
 
 
+def _u64(values: Any = ()) -> array[int]:
+    return array("Q", values)
+
+
 @dataclass
 class _Index:
-    """The valid intervals of one data file and the known end of the object (-1: unknown)."""
+    """The valid intervals of one data file (sorted, disjoint, not touching: starts[i] <
+    stops[i] < starts[i + 1]) and the known end of the object (-1: unknown)."""
 
-    intervals: list[Interval] = field(default_factory=list)
+    starts: array[int] = field(default_factory=_u64)
+    stops: array[int] = field(default_factory=_u64)
     end: int = -1
 
     @property
+    def intervals(self) -> list[Interval]:
+        return list(zip(self.starts, self.stops, strict=True))
+
+    @property
     def total(self) -> int:
-        return sum(b - a for a, b in self.intervals)
+        return sum(self.stops) - sum(self.starts)
+
+    def split(self, start: int, stop: int) -> tuple[list[Interval], list[Interval]]:
+        """The cached pieces and the missing gaps that together tile ``[start, stop)``."""
+        pieces: list[Interval] = []
+        gaps: list[Interval] = []
+        pos = start
+        for i in range(max(0, bisect.bisect_right(self.starts, start) - 1), len(self.starts)):
+            a, b = self.starts[i], self.stops[i]
+            if a >= stop:
+                break
+            if b <= pos:
+                continue
+            if a > pos:
+                gaps.append((pos, a))
+            lo, pos = max(a, pos), min(b, stop)
+            pieces.append((lo, pos))
+        if pos < stop:
+            gaps.append((pos, stop))
+        return pieces, gaps
+
+    def add(self, a: int, b: int) -> None:
+        """Add ``[a, b)``, coalescing it with the intervals it overlaps or touches."""
+        i = bisect.bisect_left(self.stops, a)  # first interval that ends at or after a
+        j = bisect.bisect_right(self.starts, b)  # past the last one that starts at or before b
+        if i < j:
+            a, b = min(a, self.starts[i]), max(b, self.stops[j - 1])
+        self.starts[i:j] = _u64((a,))
+        self.stops[i:j] = _u64((b,))
+
+    def clip(self, end: int) -> None:
+        """Forget everything at or past ``end`` and remember ``end`` as the object's end."""
+        self.end = end if self.end < 0 else min(self.end, end)
+        k = bisect.bisect_left(self.starts, self.end)
+        del self.starts[k:], self.stops[k:]
+        if k:
+            self.stops[k - 1] = min(self.stops[k - 1], self.end)
 
 
-def _split(
-    intervals: list[Interval], start: int, stop: int
-) -> tuple[list[Interval], list[Interval]]:
-    """The cached pieces and the missing gaps that together tile ``[start, stop)``, in order."""
-    pieces: list[Interval] = []
-    gaps: list[Interval] = []
-    i = max(0, bisect.bisect_right(intervals, start, key=lambda iv: iv[0]) - 1)
-    pos = start
-    for a, b in intervals[i:]:
-        if a >= stop:
-            break
-        if b <= pos:
-            continue
-        if a > pos:
-            gaps.append((pos, a))
-        lo, pos = max(a, pos), min(b, stop)
-        pieces.append((lo, pos))
-    if pos < stop:
-        gaps.append((pos, stop))
-    return pieces, gaps
-
-
-def _merge(intervals: list[Interval], new: list[Interval]) -> list[Interval]:
-    """Sorted union of two interval lists, touching intervals coalesced."""
-    out: list[Interval] = []
-    for a, b in sorted([*intervals, *new]):
-        if out and a <= out[-1][1]:
-            if b > out[-1][1]:
-                out[-1] = (out[-1][0], b)
-        else:
-            out.append((a, b))
-    return out
-
-
-def _encode(index: _Index, ino: int, boot: bytes) -> bytes:
-    flat = [x for iv in index.intervals for x in iv]
-    body = _IDX_HEAD.pack(_IDX_MAGIC, ino, index.end, boot, len(index.intervals))
-    body += struct.pack(f"<{len(flat)}Q", *flat)
+def _encode(index: _Index, token: int, boot: bytes) -> bytes:
+    body = _IDX_HEAD.pack(_IDX_MAGIC, token, index.end, boot, len(index.starts))
+    body += index.starts.tobytes() + index.stops.tobytes()  # native order: the cache is local
     return body + _CRC.pack(zlib.crc32(body))
 
 
-def _decode(buf: bytes, ino: int, boot: bytes) -> _Index | None:
-    """The index in ``buf``; None if it is truncated, corrupt, or belongs to another data file
-    (same name, new inode) or to another boot (its bytes may not have reached the disk)."""
+def _decode(buf: bytes, token: int, boot: bytes) -> _Index | None:
+    """The index in ``buf``; None if it is truncated, corrupt (CRC), or belongs to another data
+    file (its token differs: the data file was replaced) or to another boot (its bytes may not
+    have reached the disk). Only `_encode` writes sidecars, so a CRC-valid one is well formed."""
     if len(buf) < _IDX_HEAD.size:
         return None
-    magic, data_ino, end, idx_boot, count = _IDX_HEAD.unpack_from(buf)
+    magic, idx_token, end, idx_boot, count = _IDX_HEAD.unpack_from(buf)
     size = _IDX_HEAD.size + 16 * count
     if magic != _IDX_MAGIC or len(buf) < size + _CRC.size:
         return None
-    if _CRC.unpack_from(buf, size)[0] != zlib.crc32(buf[:size]):
+    if _CRC.unpack_from(buf, size)[0] != zlib.crc32(memoryview(buf)[:size]):
         return None
-    if data_ino != ino or idx_boot != boot or end < -1:
+    if token == 0 or idx_token != token or idx_boot != boot or end < -1:
         return None
-    flat = struct.unpack_from(f"<{2 * count}Q", buf, _IDX_HEAD.size)
-    intervals = list(zip(flat[0::2], flat[1::2], strict=True))
-    prev = -1
-    for a, b in intervals:
-        if not prev < a < b:  # sorted, non-empty, coalesced
-            return None
-        prev = b
-    if end >= 0 and prev > end:
-        return None
-    return _Index(intervals, end)
+    index = _Index(_u64(), _u64(), end)
+    mid = _IDX_HEAD.size + 8 * count
+    index.starts.frombytes(buf[_IDX_HEAD.size : mid])
+    index.stops.frombytes(buf[mid:size])
+    return index
 
 
 def _boot_id() -> bytes:
@@ -179,6 +192,17 @@ def _boot_id() -> bytes:
 
 def _read_all(fd: int) -> bytes:
     return os.pread(fd, os.fstat(fd).st_size, 0)
+
+
+def _token(data_fd: int) -> int:
+    """The identity of a data file, written once into its header (0: none yet). Inode numbers
+    are no identity: a file deleted by a cleaner and created again often gets the same one."""
+    buf = os.pread(data_fd, _TOKEN.size, 0)
+    if len(buf) == _TOKEN.size:
+        magic, token = _TOKEN.unpack(buf)
+        if magic == _DATA_MAGIC:
+            return int(token)
+    return 0
 
 
 def _unlink(name: str, dir_fd: int) -> None:
@@ -216,13 +240,12 @@ class _Object:
     def __init__(self, data_fd: int, idx_fd: int | None, boot: bytes) -> None:
         self.data_fd = data_fd
         self.idx_fd = idx_fd
-        self.ino = os.fstat(data_fd).st_ino
         self.boot = boot
 
     def _load_unlocked(self) -> _Index:
         if self.idx_fd is None:
             return _Index()
-        return _decode(_read_all(self.idx_fd), self.ino, self.boot) or _Index()
+        return _decode(_read_all(self.idx_fd), _token(self.data_fd), self.boot) or _Index()
 
     def load(self) -> _Index:
         if self.idx_fd is None:
@@ -249,16 +272,17 @@ class _Object:
         fcntl.flock(self.idx_fd, fcntl.LOCK_EX)
         try:
             prev = self._load_unlocked()
-            base = _Index() if reset else prev
-            intervals = _merge(base.intervals, added)
-            new_end = base.end
+            index = _Index() if reset else _Index(_u64(prev.starts), _u64(prev.stops), prev.end)
+            for a, b in added:
+                index.add(a, b)
             if end is not None:
-                new_end = end if new_end < 0 else min(new_end, end)
-            if new_end >= 0:
-                intervals = [(a, min(b, new_end)) for a, b in intervals if a < new_end]
-            index = _Index(intervals, new_end)
+                index.clip(end)
             counter = account(index.total - prev.total)  # before the sidecar: see module doc
-            buf = _encode(index, self.ino, self.boot)
+            token = _token(self.data_fd)
+            if token == 0:  # a new data file: written only here, under the exclusive lock
+                token = int.from_bytes(os.urandom(8), "little") | 1
+                os.pwrite(self.data_fd, _TOKEN.pack(_DATA_MAGIC, token), 0)
+            buf = _encode(index, token, self.boot)
             os.pwrite(self.idx_fd, buf, 0)
             os.ftruncate(self.idx_fd, len(buf))
             self.touch()
@@ -374,20 +398,31 @@ class RangeCache:
         with self._use(dir_fd, name, create=store) as obj:
             data, counter = self._read_object(dir_fd, obj, start, stop, fetch, store)
         if counter is not None and (counter < 0 or counter > self.config.max_bytes):
-            self._evict(dir_fd, force=counter < 0)
+            try:
+                self._evict(dir_fd, force=counter < 0)
+            except OSError as exc:
+                self._warn("evict", exc)
         return data
 
     @contextmanager
     def _use(self, dir_fd: int, name: str, create: bool) -> Iterator[_Object | None]:
         flags = os.O_RDWR | (os.O_CREAT if create else 0)
-        data_fd = _open_locked(f"{name}.data", dir_fd, flags, fcntl.LOCK_SH)
+        try:
+            data_fd = _open_locked(f"{name}.data", dir_fd, flags, fcntl.LOCK_SH)
+        except OSError as exc:  # a cache that cannot be used must not fail the read
+            self._warn("open", exc)
+            data_fd = None
         if data_fd is None:
             yield None
             return
         idx_fd: int | None = None
         try:
-            with suppress(FileNotFoundError):  # absent only when not creating
+            try:
                 idx_fd = os.open(f"{name}.idx", flags, 0o644, dir_fd=dir_fd)
+            except FileNotFoundError:  # not creating, and there is no sidecar
+                pass
+            except OSError as exc:
+                self._warn("open", exc)
             yield _Object(data_fd, idx_fd, self._boot)
         finally:
             if idx_fd is not None:
@@ -407,18 +442,18 @@ class RangeCache:
         counter was unreadable and needs a recount)."""
         index = obj.load() if obj is not None else _Index()
         end = stop if index.end < 0 else min(stop, index.end)
-        pieces, gaps = _split(index.intervals, start, end) if start < end else ([], [])
+        pieces, gaps = index.split(start, end) if start < end else ([], [])
         parts: list[tuple[int, bytes]] = []
         reset = False
         for a, b in pieces:
             if obj is None:
                 break
-            chunk = os.pread(obj.data_fd, b - a, a)
+            chunk = os.pread(obj.data_fd, b - a, _HEADER + a)
             if len(chunk) != b - a:  # the data file was truncated behind our back: start over
                 reset, parts, gaps = True, [], [(start, end)]
                 break
             parts.append((a, chunk))
-        store = store and obj is not None
+        store = store and obj is not None and obj.idx_fd is not None
         added: list[Interval] = []
         short_end: int | None = None
         fetched = 0
@@ -435,12 +470,12 @@ class RangeCache:
                 parts.append((a, chunk))
                 if store and chunk and obj is not None:
                     try:
-                        if os.pwrite(obj.data_fd, chunk, a) != len(chunk):
+                        if os.pwrite(obj.data_fd, chunk, _HEADER + a) != len(chunk):
                             raise OSError("short write")
                         added.append((a, a + len(chunk)))
                     except OSError as exc:
                         store = False
-                        self._warn(exc)
+                        self._warn("store", exc)
                 if len(chunk) < b - a:
                     short_end = a + len(chunk)
                     break
@@ -455,7 +490,7 @@ class RangeCache:
                     else:
                         obj.touch()
                 except OSError as exc:
-                    self._warn(exc)
+                    self._warn("store", exc)
         final = end if short_end is None else short_end
         parts.sort(key=lambda p: p[0])
         out: list[bytes] = []
@@ -471,10 +506,10 @@ class RangeCache:
         self._count(hits_bytes=len(data) - fetched)
         return data, counter
 
-    def _warn(self, exc: OSError) -> None:
+    def _warn(self, what: str, exc: OSError) -> None:
         warnings.warn(
-            f"range cache {self._root}: cannot store fetched bytes ({exc}); serving them "
-            "uncached. Is the disk full?",
+            f"range cache {self._root}: cannot {what} cached bytes ({exc}); serving them "
+            "uncached. Is the disk full or the folder unwritable?",
             RuntimeWarning,
             stacklevel=4,
         )
@@ -507,18 +542,19 @@ class RangeCache:
         entries: list[tuple[int, str]] = []
         total = 0
         for name in names:
+            fds: list[int] = []
             try:
-                ino = os.stat(f"{name}.data", dir_fd=dir_fd).st_ino
-                fd = os.open(f"{name}.idx", os.O_RDONLY, dir_fd=dir_fd)
+                fds.append(os.open(f"{name}.data", os.O_RDONLY, dir_fd=dir_fd))
+                fds.append(os.open(f"{name}.idx", os.O_RDONLY, dir_fd=dir_fd))
+                fcntl.flock(fds[1], fcntl.LOCK_SH)
+                index = _decode(_read_all(fds[1]), _token(fds[0]), self._boot)
+                used = os.fstat(fds[1]).st_mtime_ns
             except FileNotFoundError:
                 entries.append((-1, name))
                 continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH)
-                index = _decode(_read_all(fd), ino, self._boot)
-                used = os.fstat(fd).st_mtime_ns
             finally:
-                os.close(fd)
+                for fd in fds:
+                    os.close(fd)
             entries.append((used if index is not None else -1, name))
             total += index.total if index is not None else 0
         return entries, total

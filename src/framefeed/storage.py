@@ -20,9 +20,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from .errors import StorageError
+
+if TYPE_CHECKING:
+    from .rangecache import CacheConfig, RangeCache
 
 __all__ = ["RangeReader", "RetryPolicy", "Storage", "redact"]
 
@@ -93,8 +96,17 @@ class Storage:
         *,
         storage_options: dict[str, Any] | None = None,
         retry: RetryPolicy | None = None,
+        index_dir: str | None = None,
+        cache: CacheConfig | None = None,
     ) -> None:
         self.retry = retry if retry is not None else RetryPolicy()
+        self.cache = cache
+        """Local disk cache of fetched byte ranges (remote roots only), shared by processes."""
+        self._range_cache: RangeCache | None = None
+        self._cache_pid = -1
+        self._sizes: dict[str, int] = {}
+        self.index_dir = index_dir
+        """Extra folder where ``framefeed index --out`` put packet-index sidecars."""
         self.storage_options: dict[str, Any] = dict(storage_options or {})
         root_s = os.fspath(root)
         if root_s.startswith("file://"):
@@ -115,12 +127,17 @@ class Storage:
             "is_local": self.is_local,
             "retry": self.retry,
             "storage_options": self.storage_options,
+            "index_dir": self.index_dir,
+            "cache": self.cache,
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._fs = None
         self._fs_pid = -1
+        self._range_cache = None
+        self._cache_pid = -1
+        self._sizes = {}
         self._gate = threading.BoundedSemaphore(self.retry.max_concurrency)
         self.stats = {"range_reads": 0, "bytes_read": 0, "retries": 0}
 
@@ -180,6 +197,21 @@ class Storage:
         except OSError as exc:
             raise StorageError(f"{redact(path)}: cannot open ({redact(str(exc))})") from exc
 
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Write ``rel`` atomically (a temporary name, then a rename) where the backend allows."""
+        path = self.url(rel)
+        try:
+            if self.is_local:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                tmp = f"{path}.tmp-{os.getpid()}"
+                with open(tmp, "wb") as fh:
+                    fh.write(data)
+                os.replace(tmp, path)
+            else:
+                self.fs.pipe_file(path, data)
+        except OSError as exc:
+            raise StorageError(f"{redact(path)}: cannot write ({redact(str(exc))})") from exc
+
     def read_range(self, rel: str, start: int, stop: int) -> bytes:
         """Bytes ``start..stop`` of ``rel`` (exactly that many; fewer only at end of file).
 
@@ -201,12 +233,27 @@ class Storage:
                 os.close(fd)
             self._count(len(data))
             return data
-        data = self._with_retries(
-            lambda: bytes(self.fs.cat_file(path, start=start, end=stop)),
-            f"{redact(path)} bytes {start}..{stop}",
+
+        def fetch(a: int, b: int) -> bytes:
+            got = self._with_retries(
+                lambda: bytes(self.fs.cat_file(path, start=a, end=b)),
+                f"{redact(path)} bytes {a}..{b}",
+            )
+            self._count(len(got))
+            return got
+
+        if self.cache is None:
+            return fetch(start, stop)
+        if self._range_cache is None or self._cache_pid != os.getpid():
+            from .rangecache import RangeCache
+
+            self._range_cache = RangeCache(self.cache)
+            self._cache_pid = os.getpid()
+        # The key names the object and its size, so a rewritten object is never served stale.
+        key = (
+            f"{redact(path)}#{self._sizes.get(rel) or self._sizes.setdefault(rel, self.size(rel))}"
         )
-        self._count(len(data))
-        return data
+        return self._range_cache.read(key, start, stop, fetch)
 
     def _with_retries(self, call: Callable[[], bytes], what: str) -> bytes:
         """``call()``, retried on transient errors with exponential backoff and full jitter."""
@@ -233,12 +280,11 @@ class Storage:
         self.stats["bytes_read"] += n
 
     def read_bytes(self, rel: str) -> bytes:
-        """The whole of ``rel`` (retried like range reads when remote)."""
+        """The whole of ``rel`` (a retried, cached range read when remote)."""
         if self.is_local:
             with self.open(rel) as fh:
                 return fh.read()
-        path = self.url(rel)
-        return self._with_retries(lambda: bytes(self.fs.cat_file(path)), redact(path))
+        return self.read_range(rel, 0, self.size(rel))
 
     def read_json(self, rel: str) -> Any:
         data = self.read_bytes(rel)

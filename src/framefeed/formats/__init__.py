@@ -7,6 +7,7 @@ from typing import Any
 
 from ..catalog import Dataset
 from ..errors import FormatError
+from ..rangecache import CacheConfig
 from ..storage import RetryPolicy, Storage
 from .lerobot import is_lerobot, open_lerobot
 
@@ -18,17 +19,29 @@ def open_dataset(
     *,
     storage_options: dict[str, Any] | None = None,
     retry: RetryPolicy | None = None,
+    index_dir: str | os.PathLike[str] | None = None,
+    cache: CacheConfig | None = None,
 ) -> Dataset:
     """Open the dataset at a local path or fsspec URL (``s3://``, ``gs://``, ``https://``, ...).
 
     Only metadata is read: no data or video file is opened. The format is detected from the
     files present; today that is LeRobot v3 (``meta/info.json``). ``storage_options`` go to
     fsspec (for S3: ``{"client_kwargs": {"endpoint_url": ...}, "key": ..., "secret": ...}``);
-    ``retry`` sets how remote range reads retry transient failures.
+    ``retry`` sets how remote range reads retry transient failures; ``index_dir`` is a folder
+    where ``framefeed index --out`` wrote packet-index sidecars (the dataset's own
+    ``meta/framefeed-index/`` is always looked at). ``cache`` keeps fetched byte ranges of a
+    remote dataset on local disk (bounded, shared by every process of the node), so later
+    epochs read them locally.
     """
     if isinstance(path_or_url, Dataset):
         return path_or_url
-    storage = Storage(path_or_url, storage_options=storage_options, retry=retry)
+    storage = Storage(
+        path_or_url,
+        storage_options=storage_options,
+        retry=retry,
+        index_dir=os.fspath(index_dir) if index_dir is not None else None,
+        cache=cache,
+    )
     if is_lerobot(storage):
         return open_lerobot(storage)
     if storage.is_local and not os.path.exists(storage.root):

@@ -382,13 +382,20 @@ class VideoEngine:
         return done
 
 
-def build_index(storage: Storage, path: str) -> VideoIndex:
-    """The packet index of ``path``: from the MP4 sample tables when it is an MP4 (reads only
-    the ``moov`` box), else by demuxing the container with PyAV."""
+def build_index(storage: Storage, path: str, *, use_sidecar: bool = True) -> VideoIndex:
+    """The packet index of ``path``: from its sidecar (``framefeed index``) if one matches, else
+    from the MP4 sample tables when it is an MP4 (reads only the ``moov`` box), else by
+    demuxing the container with PyAV."""
     url = storage.url(path)
     if path.lower().endswith((".mp4", ".m4v", ".mov")):
         reader = RangeReader(storage, path)
         try:
+            if use_sidecar:
+                from .sidecar import load_sidecar
+
+                found = load_sidecar(storage, path, reader.size())
+                if found is not None:
+                    return found
             return parse_mp4_index(lambda at, n: reader.read(at, at + n), reader.size(), url)
         finally:
             reader.close()
