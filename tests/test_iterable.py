@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -269,3 +270,26 @@ def test_bad_arguments() -> None:
         Layer(2, (1,))
     with pytest.raises(framefeed.ConfigError):
         merge_worker_states([])
+
+
+def test_stateful_dataloader_resumes_exactly_with_workers(stream_root: Path) -> None:
+    stateful = pytest.importorskip("torchdata.stateful_dataloader")
+
+    def make() -> IterableDataset:
+        return IterableDataset(stream_root, episode_pool_size=2, fetch_size=8, seed=3)
+
+    def loader(ds: IterableDataset) -> Any:
+        return stateful.StatefulDataLoader(
+            ds, batch_size=4, num_workers=2, multiprocessing_context="fork", timeout=60
+        )
+
+    full = [int(i) for batch in loader(make()) for i in batch["index"]]
+    first = loader(make())
+    it = iter(first)
+    head = [int(i) for _ in range(5) for i in next(it)["index"]]
+    state = first.state_dict()
+    del it
+    resumed = loader(make())
+    resumed.load_state_dict(state)
+    rest = [int(i) for batch in resumed for i in batch["index"]]
+    assert head + rest == full
