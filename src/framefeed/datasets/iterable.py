@@ -4,7 +4,7 @@ Each consumer (DDP rank x DataLoader worker) computes its own order (`StreamOrde
 function of seed, epoch, rank, world size and worker. A background thread fetches the next
 ``fetch_size`` samples through the same batch planner as `MapDataset` (one read plan per chunk:
 sorted, keyframe-anchored video decode), while the current chunk is yielded; at most
-``prefetch`` chunks wait in a bounded queue.
+``prefetch`` chunks wait in a bounded queue (default 2; 1 inside DataLoader workers).
 
 ``set_epoch`` writes the epoch into shared memory, so persistent DataLoader workers see it
 too. ``state_dict`` counts the samples actually yielded (prefetched ones are not), and
@@ -96,7 +96,7 @@ class IterableDataset(torch.utils.data.IterableDataset[Any]):
         world_size: int | None = None,
         uneven: Literal["pad", "drop", "uneven"] = "pad",
         batch_size: int | None = None,
-        prefetch: int = 2,
+        prefetch: int | None = None,
         delta_timestamps: Mapping[str, Sequence[float]] | None = None,
         episodes: Sequence[int] | None = None,
         tolerance_s: float = 1e-4,
@@ -104,7 +104,7 @@ class IterableDataset(torch.utils.data.IterableDataset[Any]):
         fields: Sequence[Field] | None = None,
         decode_threads: int | None = None,
     ) -> None:
-        if episode_pool_size < 1 or fetch_size < 1 or prefetch < 0:
+        if episode_pool_size < 1 or fetch_size < 1 or (prefetch is not None and prefetch < 0):
             raise ConfigError("episode_pool_size and fetch_size must be >= 1, prefetch >= 0")
         if batch_size is not None and batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
@@ -268,7 +268,12 @@ class IterableDataset(torch.utils.data.IterableDataset[Any]):
         start = self._yielded
         self._yielded = start
         chunks = [order[i : i + self.fetch_size] for i in range(start, len(order), self.fetch_size)]
-        fetched = _Prefetcher(self._fetch, chunks, self.prefetch)
+        depth = self.prefetch
+        if depth is None:
+            # Inside a DataLoader worker the loader already keeps batches in flight; one chunk
+            # ahead keeps decoding busy without doubling the memory held per worker.
+            depth = 1 if torch.utils.data.get_worker_info() is not None else 2
+        fetched = _Prefetcher(self._fetch, chunks, depth)
         try:
             for values, size in fetched:
                 if self.batch_size is not None:

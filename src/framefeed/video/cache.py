@@ -55,8 +55,10 @@ class DecoderCache:
     def _check_fork(self) -> None:
         if self._pid != os.getpid():
             _INHERITED.append(self._idle)
+            indexes = self._indexes  # plain arrays: safe to keep, and they spare a re-read
             self._lock = threading.Lock()
             self._reset()
+            self._indexes = indexes
 
     def __len__(self) -> int:
         return len(self._idle)

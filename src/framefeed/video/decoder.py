@@ -70,7 +70,9 @@ class FrameDecoder:
             )
         return data
 
-    def _packets(self, first: int, last: int, fetched: bytes | None = None) -> Iterator[av.Packet]:  # type: ignore[type-arg]
+    def _packets(
+        self, first: int, last: int, fetched: bytes | memoryview | None = None
+    ) -> Iterator[av.Packet]:  # type: ignore[type-arg]
         """Packets ``first..last`` (decode order), read with one ranged read when contiguous.
 
         ``fetched`` holds the bytes of `run_span` when they were fetched ahead.
@@ -107,7 +109,7 @@ class FrameDecoder:
         wanted: Mapping[int, Sequence[np.ndarray]],
         *,
         size: tuple[int, int] | None = None,
-        fetched: Mapping[tuple[int, int], bytes] | None = None,
+        fetched: Mapping[tuple[int, int], bytes | memoryview] | None = None,
     ) -> tuple[int, set[int]]:
         """Decode each run ``(first_packet, last_packet)`` and fill the wanted frames.
 

@@ -91,7 +91,7 @@ class _Task:
     cost: int
     segment_spans: list[tuple[int, int]] = field(default_factory=list)
     """Byte spans of the whole segments this task's targets belong to (if requested)."""
-    fetched: dict[tuple[int, int], bytes] = field(default_factory=dict)
+    fetched: dict[tuple[int, int], bytes | memoryview] = field(default_factory=dict)
     """Bytes of runs fetched ahead (remote storage), by run."""
     first_item: int = 0
     """Position in ``request.times`` of one target of this task (for error messages)."""
@@ -127,12 +127,14 @@ class VideoEngine:
         self.segment_cache_bytes = segment_cache_bytes
         self._segments: OrderedDict[tuple[str, int, int], bytes] = OrderedDict()
         self._segments_size = 0
+        self._touched: OrderedDict[tuple[str, int, int], None] = OrderedDict()
 
     def __getstate__(self) -> dict[str, object]:
         state = self.__dict__.copy()
         state.update(
             _segments=OrderedDict(),
             _segments_size=0,
+            _touched=OrderedDict(),
             _pool=None,
             _io_pool=None,
             stats=EngineStats(),
@@ -226,6 +228,11 @@ class VideoEngine:
                     ),
                     None,
                 )
+                if home is not None and home not in self._segments and home not in self._touched:
+                    # First batch to touch this segment: fetch only its runs, so the first
+                    # batch does not wait for whole episodes; the next touch fetches it whole.
+                    self._touched[home] = None
+                    home = None
                 plan.append((task, run, span, home))
                 if home is not None and home not in self._segments:
                     missing[home] = None
@@ -250,7 +257,7 @@ class VideoEngine:
         for task, run, span, home in plan:
             if home is not None:
                 blob = have[home] if home in have else fresh[home]
-                task.fetched[run] = blob[span[0] - home[1] : span[1] - home[1]]
+                task.fetched[run] = memoryview(blob)[span[0] - home[1] : span[1] - home[1]]
         with self.stats.lock:
             self.stats.bytes_read += sum(len(b) for b in blobs)
             self.stats.fetch_seconds += time.perf_counter() - t0
@@ -269,6 +276,9 @@ class VideoEngine:
             return
         self._segments[key] = blob
         self._segments_size += len(blob)
+        self._touched.pop(key, None)
+        while len(self._touched) > 4096:
+            self._touched.popitem(last=False)
         while self._segments_size > self.segment_cache_bytes:
             _, old = self._segments.popitem(last=False)
             self._segments_size -= len(old)
