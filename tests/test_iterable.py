@@ -293,3 +293,36 @@ def test_stateful_dataloader_resumes_exactly_with_workers(stream_root: Path) -> 
     resumed.load_state_dict(state)
     rest = [int(i) for batch in resumed for i in batch["index"]]
     assert head + rest == full
+
+
+def test_stateful_loader_state_resumes_with_another_worker_count(stream_root: Path) -> None:
+    stateful = pytest.importorskip("torchdata.stateful_dataloader")
+
+    def make() -> IterableDataset:
+        return IterableDataset(stream_root, episode_pool_size=2, fetch_size=8, seed=6)
+
+    ds = make()
+    order = StreamOrder(
+        offsets=ds.index.offsets, seed=6, epoch=0, rank=0, world_size=1, pool_size=2
+    )
+    # What the first run's two workers would yield in the whole epoch (padding included).
+    full = Counter(np.concatenate(order.consumer_orders(2)).tolist())
+    first = stateful.StatefulDataLoader(
+        make(), batch_size=4, num_workers=2, multiprocessing_context="fork", timeout=60
+    )
+    it = iter(first)
+    head = [int(i) for _ in range(3) for i in next(it)["index"]]
+    merged = merge_worker_states(first.state_dict())
+    del it
+    for workers in (0, 3):
+        resumed = make()
+        resumed.load_state_dict(merged)
+        loader = DataLoader(
+            resumed,
+            batch_size=4,
+            num_workers=workers,
+            timeout=60 if workers else 0,
+            multiprocessing_context="fork" if workers else None,
+        )
+        rest = [int(i) for batch in loader for i in batch["index"]]
+        assert Counter(head) + Counter(rest) == full

@@ -58,8 +58,23 @@ def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
     return 0, 1
 
 
-def merge_worker_states(states: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """One rank-level state from the states of all DataLoader workers of that rank."""
+def merge_worker_states(
+    states: Sequence[Mapping[str, Any]] | Mapping[str, Any],
+) -> dict[str, Any]:
+    """One rank-level state from the states of all DataLoader workers of that rank.
+
+    ``states`` is the list of the workers' ``state_dict()``s, or a torchdata
+    ``StatefulDataLoader.state_dict()`` (the workers' states are taken from it). Load the
+    result into the dataset before building a loader with any number of workers.
+    """
+    if isinstance(states, Mapping):
+        snapshots = states.get("_snapshot", {}).get("_worker_snapshots")
+        if not snapshots:
+            raise ConfigError(
+                "expected a StatefulDataLoader state with worker snapshots (num_workers > 0) "
+                "or a list of worker states"
+            )
+        states = [snap["dataset_state"] for snap in snapshots.values()]
     if not states:
         raise ConfigError("no worker states to merge")
     by_worker = sorted(states, key=lambda s: int(s["worker"]))
