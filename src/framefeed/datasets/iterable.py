@@ -16,6 +16,7 @@ too. ``state_dict`` counts the samples actually yielded (prefetched ones are not
 from __future__ import annotations
 
 import contextlib
+import itertools
 import multiprocessing
 import os
 import queue
@@ -282,7 +283,11 @@ class IterableDataset(torch.utils.data.IterableDataset[Any]):
         order = self._order()
         start = self._yielded
         self._yielded = start
-        chunks = [order[i : i + self.fetch_size] for i in range(start, len(order), self.fetch_size)]
+        # The first chunk is one batch (or a few samples), so the first batch does not wait
+        # for a whole fetch; later chunks are fetch_size samples.
+        first = min(self.fetch_size, self.batch_size or 8)
+        bounds = [start, *range(start + first, len(order), self.fetch_size), len(order)]
+        chunks = [order[a:b] for a, b in itertools.pairwise(bounds) if b > a]
         depth = self.prefetch
         if depth is None:
             # Inside a DataLoader worker the loader already keeps batches in flight; one chunk

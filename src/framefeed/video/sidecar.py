@@ -79,23 +79,20 @@ def from_bytes(data: bytes, path: str, file_size: int) -> VideoIndex | None:
 
 def load_sidecar(storage: Storage, rel: str, file_size: int) -> VideoIndex | None:
     """The sidecar index of video ``rel`` if one exists and matches the file, else None."""
-    for where in _places(storage):
+    # The dataset's own folder is read through its storage (no new filesystem client).
+    places: list[tuple[Storage, str]] = []
+    if storage.index_dir is not None:
+        places.append((Storage(storage.index_dir), sidecar_path(rel)))
+    places.append((storage, f"{DEFAULT_DIR}/{sidecar_path(rel)}"))
+    for where, name in places:
         try:
-            data = where.read_bytes(sidecar_path(rel))
+            data = where.read_bytes(name)
         except (StorageError, OSError):
             continue
         found = from_bytes(data, storage.url(rel), file_size)
         if found is not None:
             return found
     return None
-
-
-def _places(storage: Storage) -> list[Storage]:
-    places = []
-    if storage.index_dir is not None:
-        places.append(Storage(storage.index_dir))
-    places.append(Storage(storage.url(DEFAULT_DIR), storage_options=storage.storage_options))
-    return places
 
 
 def write_sidecars(
