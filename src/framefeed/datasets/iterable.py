@@ -28,15 +28,12 @@ import numpy as np
 import torch
 import torch.utils.data
 
-from ..catalog import ColumnKind, Dataset
+from ..catalog import Dataset
 from ..errors import ConfigError
 from ..fields import Field
-from ..formats import open_dataset
-from ..index import SampleIndex
-from ..plan import BatchPlanner, resolve_fields
 from ..sampling.partition import Uneven
 from ..sampling.stream import Layer, StreamOrder
-from ..video.engine import VideoEngine
+from .serving import Serving
 
 __all__ = ["IterableDataset", "merge_worker_states", "resolve_rank"]
 
@@ -91,7 +88,7 @@ def merge_worker_states(
     return head
 
 
-class IterableDataset(torch.utils.data.IterableDataset[Any]):
+class IterableDataset(Serving, torch.utils.data.IterableDataset[Any]):
     """Streams samples of a framefeed dataset, shuffled through an episode pool.
 
     ``episode_pool_size`` episodes are open per consumer (only their row numbers; nothing is
@@ -124,13 +121,23 @@ class IterableDataset(torch.utils.data.IterableDataset[Any]):
             raise ConfigError("episode_pool_size and fetch_size must be >= 1, prefetch >= 0")
         if batch_size is not None and batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
-        if image_dtype not in ("uint8", "float32"):
-            raise ConfigError(f"image_dtype must be 'uint8' or 'float32', not {image_dtype!r}")
         try:
             self.uneven = Uneven(uneven)
         except ValueError:
             raise ConfigError(f"uneven must be 'pad', 'drop' or 'uneven', not {uneven!r}") from None
-        self.dataset = open_dataset(source)
+        self._setup(
+            source,
+            delta_timestamps=delta_timestamps,
+            episodes=episodes,
+            tolerance_s=tolerance_s,
+            image_dtype=image_dtype,
+            fields=fields,
+            decode_threads=decode_threads,
+        )
+        # Remote streaming fetches each pool episode's packets in one request and keeps them
+        # while the episode is in the pool (bounded): one request per episode per camera.
+        if not self.dataset.storage.is_local:
+            self._segment_cache_bytes = SEGMENT_CACHE_BYTES
         self.rank, self.world_size = resolve_rank(rank, world_size)
         if not 0 <= self.rank < self.world_size:
             raise ConfigError(f"rank {self.rank} is not in [0, world_size={self.world_size})")
@@ -144,22 +151,10 @@ class IterableDataset(torch.utils.data.IterableDataset[Any]):
         self.shuffle = shuffle
         self.batch_size = batch_size
         self.prefetch = prefetch
-        self.tolerance_s = float(tolerance_s)
-        self.image_dtype = image_dtype
-        self.index = SampleIndex.from_dataset(self.dataset, episodes)
-        self.fields = resolve_fields(self.dataset, fields, delta_timestamps, self.tolerance_s)
-        self._float_keys = [
-            f.key
-            for f in self.fields
-            if f.column is not None and f.column.kind in (ColumnKind.VIDEO, ColumnKind.IMAGE)
-        ]
-        self._decode_threads = decode_threads
         self._shared_epoch = multiprocessing.Value("q", 0, lock=False)
         self._layers: list[Layer] = []
         self._layers_epoch = 0
         self._yielded = 0
-        self._planner: BatchPlanner | None = None
-        self._pid = -1
 
     # -- epochs and checkpoints -------------------------------------------------------------
 
@@ -247,38 +242,6 @@ class IterableDataset(torch.utils.data.IterableDataset[Any]):
         layers = self._layers if self._layers_epoch == self.epoch else []
         return sum(len(order.worker_order(layers, w, num_workers)) for w in range(num_workers))
 
-    def _plan(self) -> BatchPlanner:
-        if self._planner is None or self._pid != os.getpid():
-            threads = self._decode_threads
-            if threads is None:
-                in_worker = torch.utils.data.get_worker_info() is not None
-                threads = 1 if in_worker else max(1, min(os.cpu_count() or 1, 8))
-            # Remote streaming fetches each pool episode's packets in one request and keeps them
-            # while the episode is in the pool (bounded): one request per episode per camera.
-            remote = not self.dataset.storage.is_local
-            engine = VideoEngine(
-                self.dataset.storage,
-                threads=threads,
-                segment_cache_bytes=SEGMENT_CACHE_BYTES if remote else 0,
-            )
-            self._planner = BatchPlanner(
-                self.dataset, self.index, self.fields, engine, self.tolerance_s
-            )
-            self._pid = os.getpid()
-        return self._planner
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_planner"] = None
-        return state
-
-    def _fetch(self, indices: np.ndarray) -> dict[str, Any]:
-        values = self._plan().run(indices)
-        if self.image_dtype == "float32":
-            for key in self._float_keys:
-                values[key] = values[key].float().div_(255.0)
-        return values
-
     def __iter__(self) -> Iterator[Any]:
         order = self._order()
         start = self._yielded
@@ -310,11 +273,6 @@ class IterableDataset(torch.utils.data.IterableDataset[Any]):
         # A finished epoch resumes nothing: the next iteration starts the epoch afresh.
         self._yielded = 0
         self._layers = []
-
-    def close(self) -> None:
-        if self._planner is not None and self._pid == os.getpid():
-            self._planner.engine.close()
-        self._planner = None
 
 
 class _Prefetcher:

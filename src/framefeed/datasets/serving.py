@@ -1,0 +1,106 @@
+"""What the map-style and streaming datasets share: fields, index and a per-process planner."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.utils.data
+
+from ..catalog import ColumnKind, Dataset
+from ..errors import ConfigError
+from ..fields import Field
+from ..formats import open_dataset
+from ..index import SampleIndex
+from ..plan import BatchPlanner, resolve_fields
+from ..video.engine import VideoEngine
+
+__all__ = ["Serving"]
+
+
+def auto_threads() -> int:
+    """Decoder threads: every core (up to 8) in the main process, one in a DataLoader worker."""
+    if torch.utils.data.get_worker_info() is not None:
+        return 1
+    return max(1, min(os.cpu_count() or 1, 8))
+
+
+class Serving:
+    """Resolves fields and the sample index once; builds the batch planner once per process.
+
+    The planner (video engine, decoder cache, column store) is never shared across processes:
+    after ``fork`` or unpickling each process builds its own on first use.
+    """
+
+    _segment_cache_bytes = 0
+
+    def _setup(
+        self,
+        source: str | os.PathLike[str] | Dataset,
+        *,
+        delta_timestamps: Mapping[str, Sequence[float]] | None,
+        episodes: Sequence[int] | None,
+        tolerance_s: float,
+        image_dtype: str,
+        fields: Sequence[Field] | None,
+        decode_threads: int | None,
+    ) -> None:
+        if image_dtype not in ("uint8", "float32"):
+            raise ConfigError(f"image_dtype must be 'uint8' or 'float32', not {image_dtype!r}")
+        if tolerance_s <= 0:
+            raise ConfigError(f"tolerance_s must be positive, got {tolerance_s!r}")
+        if decode_threads is not None and decode_threads < 1:
+            raise ConfigError(f"decode_threads must be at least 1, got {decode_threads!r}")
+        self.dataset = open_dataset(source)
+        self.tolerance_s = float(tolerance_s)
+        self.image_dtype = image_dtype
+        self.index = SampleIndex.from_dataset(self.dataset, episodes)
+        self.fields = resolve_fields(self.dataset, fields, delta_timestamps, self.tolerance_s)
+        self._float_keys = [
+            f.key
+            for f in self.fields
+            if f.column is not None and f.column.kind in (ColumnKind.VIDEO, ColumnKind.IMAGE)
+        ]
+        self._decode_threads = decode_threads
+        self._planner: BatchPlanner | None = None
+        self._pid = -1
+
+    @property
+    def engine(self) -> VideoEngine:
+        """This process's video engine (its counters are in ``engine.stats``)."""
+        return self._plan().engine
+
+    def _plan(self) -> BatchPlanner:
+        if self._planner is None or self._pid != os.getpid():
+            engine = VideoEngine(
+                self.dataset.storage,
+                threads=self._decode_threads or auto_threads(),
+                segment_cache_bytes=self._segment_cache_bytes,
+            )
+            self._planner = BatchPlanner(
+                self.dataset, self.index, self.fields, engine, self.tolerance_s
+            )
+            self._pid = os.getpid()
+        return self._planner
+
+    def _fetch(self, indices: Sequence[int] | np.ndarray) -> dict[str, Any]:
+        """Collated values of the samples ``indices`` (one read plan)."""
+        values = self._plan().run(np.asarray(indices, dtype=np.int64))
+        if self.image_dtype == "float32":
+            for key in self._float_keys:
+                values[key] = values[key].float().div_(255.0)
+        return values
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_planner"] = None  # each process builds its own engine and column store
+        return state
+
+    def close(self) -> None:
+        """Release decoders and decode threads (the dataset stays usable)."""
+        if self._planner is not None and self._pid == os.getpid():
+            self._planner.engine.close()
+        self._planner = None
