@@ -326,3 +326,22 @@ def test_stateful_loader_state_resumes_with_another_worker_count(stream_root: Pa
         )
         rest = [int(i) for batch in loader for i in batch["index"]]
         assert Counter(head) + Counter(rest) == full
+
+
+def test_two_ranks_times_two_workers_cover_the_epoch_once(stream_root: Path) -> None:
+    seen: list[int] = []
+    for rank in range(2):
+        ds = IterableDataset(
+            stream_root,
+            episode_pool_size=2,
+            fetch_size=8,
+            seed=9,
+            rank=rank,
+            world_size=2,
+            uneven="uneven",
+        )
+        loader = DataLoader(
+            ds, batch_size=4, num_workers=2, multiprocessing_context="fork", timeout=60
+        )
+        seen.extend(int(i) for batch in loader for i in batch["index"])
+    assert sorted(seen) == list(range(IterableDataset(stream_root).dataset.num_frames))
