@@ -51,6 +51,11 @@ class ColumnStore:
         del state["_lock"]
         return state
 
+    def for_this_process(self) -> ColumnStore:
+        """This store, made safe to use after ``fork`` (a fresh lock; arrays are shared)."""
+        self._lock = threading.Lock()
+        return self
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._lock = threading.Lock()

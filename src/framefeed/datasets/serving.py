@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -75,16 +76,45 @@ class Serving:
 
     def _plan(self) -> BatchPlanner:
         if self._planner is None or self._pid != os.getpid():
+            inherited = self._planner  # from the parent, through fork
             engine = VideoEngine(
                 self.dataset.storage,
                 threads=self._decode_threads or auto_threads(),
                 segment_cache_bytes=self._segment_cache_bytes,
+                # The cache drops inherited decoders after fork but keeps packet indexes.
+                cache=inherited.engine.cache if inherited is not None else None,
             )
-            self._planner = BatchPlanner(
-                self.dataset, self.index, self.fields, engine, self.tolerance_s
-            )
+            planner = BatchPlanner(self.dataset, self.index, self.fields, engine, self.tolerance_s)
+            if inherited is not None:
+                planner.store = inherited.store.for_this_process()  # plain arrays: shared pages
+            self._planner = planner
             self._pid = os.getpid()
         return self._planner
+
+    def prepare(self) -> None:
+        """Load the tabular columns and every video's packet index in this process now.
+
+        DataLoader workers started with ``fork`` afterwards inherit both instead of each
+        reading them again (their pages are shared), which shortens the first batch and
+        saves memory. With ``spawn`` workers it only warms this process.
+        """
+        planner = self._plan()
+        planner.store.load(planner.store_columns())
+        paths = sorted(
+            {
+                str(p)
+                for f in self.fields
+                if f.column is not None and f.column.kind is ColumnKind.VIDEO
+                for p in self.dataset.video_paths[f.column.path][planner.store.positions].tolist()
+            }
+        )
+        if len(paths) > 1 and not self.dataset.storage.is_local:
+            workers = min(len(paths), self.dataset.storage.retry.max_concurrency)
+            with ThreadPoolExecutor(workers, thread_name_prefix="framefeed-prepare") as pool:
+                list(pool.map(planner.engine.index, paths))
+        else:
+            for path in paths:
+                planner.engine.index(path)
 
     def _fetch(self, indices: Sequence[int] | np.ndarray) -> dict[str, Any]:
         """Collated values of the samples ``indices`` (one read plan)."""
