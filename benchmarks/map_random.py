@@ -38,6 +38,7 @@ from av.video.reformatter import VideoReformatter
 from torch.utils.data import DataLoader
 
 import framefeed
+from framefeed.bench import cpu_busy_seconds
 from framefeed.synth import CameraSpec, SynthConfig, write_lerobot_dataset
 
 FPS = 30
@@ -63,20 +64,11 @@ CHUNK = {
 }
 
 
-def _cpu_busy() -> float:
-    """Busy CPU seconds of the whole machine (from /proc/stat)."""
-    with open("/proc/stat") as fh:
-        parts = fh.readline().split()[1:]
-    ticks = [int(x) for x in parts]
-    idle = ticks[3] + ticks[4]
-    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
 def _measure(run: Callable[[], int]) -> dict[str, float]:
-    busy0, own0, t0 = _cpu_busy(), time.process_time(), time.perf_counter()
+    busy0, own0, t0 = cpu_busy_seconds(), time.process_time(), time.perf_counter()
     samples = run()
     wall = time.perf_counter() - t0
-    external = max(0.0, (_cpu_busy() - busy0) - (time.process_time() - own0))
+    external = max(0.0, (cpu_busy_seconds() - busy0) - (time.process_time() - own0))
     return {"samples_per_s": samples / wall, "seconds": wall, "external_cpu_cores": external / wall}
 
 

@@ -20,7 +20,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 from typing import Any
 
@@ -29,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import framefeed
+from framefeed.bench import PeakMemory
 from framefeed.sampling.stream import StreamOrder
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -41,67 +41,8 @@ def _emit(**record: Any) -> None:
     print(json.dumps(record), flush=True)
 
 
-def _rss_tree(root_pid: int, exclude: set[int]) -> tuple[int, int]:
-    """Resident and proportional set size (bytes) of ``root_pid`` and its descendants."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    rss = pss = 0
-    todo = [root_pid]
-    while todo:
-        pid = todo.pop()
-        if pid in exclude:
-            continue
-        try:
-            with open(f"/proc/{pid}/smaps_rollup") as fh:
-                for line in fh:
-                    if line.startswith("Rss:"):
-                        rss += int(line.split()[1]) * 1024
-                    elif line.startswith("Pss:"):
-                        pss += int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        todo.extend(children.get(pid, []))
-    return rss, pss
-
-
-class PeakRSS:
-    """Samples the process tree's RSS and PSS every 50 ms in a thread; keeps the peaks."""
-
-    def __init__(self, exclude: set[int]) -> None:
-        self.exclude = exclude
-        self.peak = 0
-        self.peak_pss = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _sample(self) -> None:
-        rss, pss = _rss_tree(os.getpid(), self.exclude)
-        self.peak = max(self.peak, rss)
-        self.peak_pss = max(self.peak_pss, pss)
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.05):
-            self._sample()
-
-    def __enter__(self) -> PeakRSS:
-        self._sample()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 def _run(loader: Any, batches: int, exclude: set[int]) -> dict[str, float]:
-    with PeakRSS(exclude) as rss:
+    with PeakMemory(frozenset(exclude)) as mem:
         t0 = time.perf_counter()
         it = iter(loader)
         first = next(it)
@@ -120,8 +61,8 @@ def _run(loader: Any, batches: int, exclude: set[int]) -> dict[str, float]:
     return {
         "samples_per_s": round((n - len(first["index"])) / steady, 1),
         "first_batch_s": round(first_s, 3),
-        "peak_rss_tree_mb": round(rss.peak / 2**20, 1),
-        "peak_pss_tree_mb": round(rss.peak_pss / 2**20, 1),
+        "peak_rss_tree_mb": round(mem.rss / 2**20, 1),
+        "peak_pss_tree_mb": round(mem.pss / 2**20, 1),
     }
 
 

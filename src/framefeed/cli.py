@@ -28,6 +28,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_index.add_argument(
         "--out", help="folder for the sidecars (default: meta/framefeed-index in the dataset)"
     )
+    p_bench = sub.add_parser("bench", help="measure loading throughput, latency and memory")
+    p_bench.add_argument("path", help="dataset folder or fsspec URL")
+    p_bench.add_argument("--mode", choices=["map", "stream"], default="map")
+    p_bench.add_argument("--workers", type=int, default=0, help="DataLoader workers (default 0)")
+    p_bench.add_argument("--batch-size", type=int, default=32)
+    p_bench.add_argument("--delta", choices=["none", "chunk"], default="none")
+    p_bench.add_argument("--pool", type=int, default=16, help="episode pool size (stream)")
+    p_bench.add_argument("--threads", type=int, default=None, help="decode threads")
+    p_bench.add_argument("--seconds", type=float, default=10.0, help="measured window")
+    p_bench.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds")
+    p_bench.add_argument("--vs", choices=["naive"], default=None, help="baseline in the same run")
+    p_bench.add_argument("--json", action="store_true", help="print JSON records only")
     p_demo = sub.add_parser(
         "demo", help="write a small synthetic dataset and train a toy loop on it"
     )
@@ -51,6 +63,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             written, skipped = write_sidecars(ds.storage, videos, args.out)
             where = args.out or ds.storage.url(DEFAULT_DIR)
             print(f"indexed {written} video files, {skipped} already done, into {where}")
+        elif args.command == "bench":
+            from .bench import BenchConfig, run_bench
+
+            records = run_bench(
+                BenchConfig(
+                    path=args.path,
+                    mode=args.mode,
+                    workers=args.workers,
+                    batch_size=args.batch_size,
+                    delta=args.delta,
+                    pool_size=args.pool,
+                    decode_threads=args.threads,
+                    seconds=args.seconds,
+                    warmup_s=args.warmup,
+                    vs=args.vs,
+                )
+            )
+            _print_bench(records, as_json=args.json)
         elif args.command == "demo":
             from .demo import run_demo
 
@@ -65,6 +95,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"framefeed: error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _print_bench(records: list[dict[str, object]], *, as_json: bool) -> None:
+    import json
+
+    if as_json:
+        for record in records:
+            print(json.dumps(record))
+        return
+    for record in records:
+        print(f"[{record.get('bench')}]")
+        for key, value in record.items():
+            if key != "bench":
+                print(f"  {key:<26} {value}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,8 @@
+"""The benchmark harness behind ``framefeed bench``."""
+
+from __future__ import annotations
+
+from .proc import PeakMemory, cpu_busy_seconds, tree_memory
+from .run import BenchConfig, run_bench
+
+__all__ = ["BenchConfig", "PeakMemory", "cpu_busy_seconds", "run_bench", "tree_memory"]

@@ -1,0 +1,83 @@
+"""Process-tree measurements from /proc: memory (RSS and PSS) and machine CPU use."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+__all__ = ["PeakMemory", "cpu_busy_seconds", "tree_memory"]
+
+
+def _children() -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        out.setdefault(ppid, []).append(int(entry))
+    return out
+
+
+def tree_memory(root_pid: int, exclude: frozenset[int] = frozenset()) -> tuple[int, int]:
+    """Resident and proportional set size (bytes) of ``root_pid`` and its descendants."""
+    children = _children()
+    rss = pss = 0
+    todo = [root_pid]
+    while todo:
+        pid = todo.pop()
+        if pid in exclude:
+            continue
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as fh:
+                for line in fh:
+                    if line.startswith("Rss:"):
+                        rss += int(line.split()[1]) * 1024
+                    elif line.startswith("Pss:"):
+                        pss += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        todo.extend(children.get(pid, []))
+    return rss, pss
+
+
+def cpu_busy_seconds() -> float:
+    """CPU seconds the whole machine has been busy (from /proc/stat)."""
+    with open("/proc/stat") as fh:
+        ticks = [int(x) for x in fh.readline().split()[1:]]
+    idle = ticks[3] + ticks[4]
+    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+class PeakMemory:
+    """Samples this process tree's RSS and PSS every ``interval_s`` in a thread; keeps peaks."""
+
+    def __init__(self, exclude: frozenset[int] = frozenset(), interval_s: float = 0.05) -> None:
+        self.exclude = exclude
+        self.interval_s = interval_s
+        self.rss = 0
+        self.pss = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="framefeed-peakmem", daemon=True)
+
+    def sample(self) -> None:
+        rss, pss = tree_memory(os.getpid(), self.exclude)
+        self.rss = max(self.rss, rss)
+        self.pss = max(self.pss, pss)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sample()
+
+    def __enter__(self) -> PeakMemory:
+        self.sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
