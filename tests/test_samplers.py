@@ -69,7 +69,12 @@ def test_sharded_shuffle_invariants(
         step = (batch or 1) * world
         assert len(flat) == n // step * step and len(set(flat)) == len(flat)  # disjoint
         assert len(per_rank[0]) % (batch or 1) == 0  # only full batches
-        # global batch j (batch rows of every rank) is one contiguous stretch of the permutation
+        # global batch j (batch j of every rank) is one contiguous stretch of the permutation
+        perm = list(make(0, 1))
+        b = batch or 1
+        for j in range(len(per_rank[0]) // b):
+            batch_j = {i for p in per_rank for i in p[j * b : (j + 1) * b]}
+            assert batch_j == set(perm[j * b * world : (j + 1) * b * world])
     else:
         assert set(flat) == set(range(n))  # jointly cover everything
         assert len(flat) == -(-n // world) * world
@@ -217,7 +222,8 @@ def test_sequence_sampler_example() -> None:
 
 def test_sequence_sampler_in_a_dataloader() -> None:
     s = SequenceSampler(LENGTHS, batch_size=3, seed=1)
-    loader = torch.utils.data.DataLoader(list(range(sum(LENGTHS))), batch_sampler=s)
+    data: Any = list(range(sum(LENGTHS)))  # any indexable works; the stubs want a Dataset
+    loader: torch.utils.data.DataLoader[Any] = torch.utils.data.DataLoader(data, batch_sampler=s)
     got = [b.tolist() for b in loader]
     assert got == list(s) and len(got) == len(loader) == len(s)
 
@@ -339,6 +345,28 @@ def test_save_load_resumes_the_exact_tail(name: str, world: int, epoch: int) -> 
             assert resumed.state_dict()["yielded"] == 0
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_through_a_stateful_dataloader(workers: int) -> None:
+    stateful = pytest.importorskip("torchdata.stateful_dataloader")
+    data = list(range(sum(LENGTHS)))
+
+    def make() -> Any:
+        sampler = SequenceSampler(LENGTHS, batch_size=3, seed=1)
+        return stateful.StatefulDataLoader(data, batch_sampler=sampler, num_workers=workers)
+
+    full = [b.tolist() for b in make()]
+    for cut in (1, len(full) // 2, len(full) - 1):
+        loader = make()
+        it = iter(loader)
+        for _ in range(cut):
+            next(it)
+        state = loader.state_dict()  # prefetched batches are not counted
+        del it
+        resumed = make()
+        resumed.load_state_dict(state)
+        assert [b.tolist() for b in resumed] == full[cut:]
+
+
 def test_set_epoch_discards_a_resume_point_of_another_epoch() -> None:
     s = ShardedShuffleSampler(20, seed=1)
     it = iter(s)
@@ -362,6 +390,10 @@ def test_load_state_dict_rejects_foreign_states() -> None:
         EpisodeAwareSampler([20], seed=1).load_state_dict(state)
     with pytest.raises(ConfigError):
         ShardedShuffleSampler(20, seed=1).load_state_dict({**state, "version": 99})
+    target = ShardedShuffleSampler(20, seed=1)
+    with pytest.raises(ConfigError):
+        target.load_state_dict({**state, "epoch": 3, "yielded": 21})
+    assert target.epoch == 0  # a rejected state leaves the sampler as it was
 
 
 @pytest.mark.parametrize(

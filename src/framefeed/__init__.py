@@ -26,6 +26,7 @@ from .formats import open_dataset
 from .index import SampleIndex
 from .loader import collate
 from .rangecache import CacheConfig
+from .sampling import EpisodeAwareSampler, SequenceSampler, ShardedShuffleSampler, WeightedSampler
 from .storage import RetryPolicy
 
 __version__ = "0.1.0"
@@ -38,6 +39,7 @@ __all__ = [
     "Dataset",
     "DecodeError",
     "Decoder",
+    "EpisodeAwareSampler",
     "Field",
     "FormatError",
     "FrameTimestampError",
@@ -49,6 +51,8 @@ __all__ = [
     "RetryPolicy",
     "SampleIndex",
     "Segment",
+    "SequenceSampler",
+    "ShardedShuffleSampler",
     "StorageError",
     "TaskDecoder",
     "TextDecoder",
@@ -56,6 +60,7 @@ __all__ = [
     "TimelineKind",
     "VideoFrameDecoder",
     "VideoSpan",
+    "WeightedSampler",
     "Window",
     "__version__",
     "collate",

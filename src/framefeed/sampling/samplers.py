@@ -11,9 +11,11 @@ All samplers follow one protocol:
 * ``__len__`` is exact: one iteration yields exactly ``len(sampler)`` items on every rank.
 * ``state_dict()`` is a small JSON-serialisable dict: the epoch and how many items the current
   iteration has yielded. ``load_state_dict()`` makes the next iteration yield exactly the items
-  that were left. The count is of items the sampler handed out; a ``DataLoader`` prefetches
-  ahead of the training step, so checkpoint through torchdata's ``StatefulDataLoader``, which
-  counts what was consumed.
+  that were left. The count is of items the sampler handed out, and a plain ``DataLoader``
+  prefetches ahead of the training step; torchdata's ``StatefulDataLoader`` saves and restores
+  a sampler's state at the batch actually consumed (also with workers), so checkpoint the
+  loader, not the sampler, when one is in between.
+* One iteration at a time: a new ``iter()`` restarts progress tracking.
 
 `SequenceSampler` lives in `framefeed.sampling.sequence`; the shared protocol, the plain
 shuffles and the mixtures live here.
@@ -172,15 +174,15 @@ class EpochSampler(Sampler[T], Generic[T]):
                     f"sampler state was saved with {key}={state[key]}, this sampler has "
                     f"{key}={getattr(self, key)}; build it with the same arguments"
                 )
-        self._epoch = int(state["epoch"])
-        if int(state["length"]) != len(self):
+        previous, self._epoch = self._epoch, int(state["epoch"])
+        length, yielded = len(self), int(state["yielded"])
+        if int(state["length"]) != length or not 0 <= yielded <= length:
+            self._epoch = previous  # leave the sampler as it was
             raise ConfigError(
-                f"sampler state was saved for an epoch of {state['length']} items, this "
-                f"sampler has {len(self)}: the dataset or the configuration changed"
+                f"sampler state was saved for an epoch of {state['length']} items "
+                f"({yielded} yielded), this sampler has {length}: the dataset or the "
+                "configuration changed"
             )
-        yielded = int(state["yielded"])
-        if not 0 <= yielded <= len(self):
-            raise ConfigError(f"bad sampler state: yielded={yielded} of {len(self)}")
         self._resume = self._yielded = yielded
 
 
