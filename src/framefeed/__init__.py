@@ -24,7 +24,7 @@ from .fields import (
 )
 from .formats import open_dataset
 from .index import SampleIndex
-from .loader import collate
+from .loader import Loader, PipelineError, StageStats, collate
 from .rangecache import CacheConfig
 from .sampling import EpisodeAwareSampler, SequenceSampler, ShardedShuffleSampler, WeightedSampler
 from .storage import RetryPolicy
@@ -46,13 +46,16 @@ __all__ = [
     "FramefeedError",
     "ImageDecoder",
     "IterableDataset",
+    "Loader",
     "MapDataset",
     "NumericDecoder",
+    "PipelineError",
     "RetryPolicy",
     "SampleIndex",
     "Segment",
     "SequenceSampler",
     "ShardedShuffleSampler",
+    "StageStats",
     "StorageError",
     "TaskDecoder",
     "TextDecoder",

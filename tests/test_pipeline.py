@@ -1,0 +1,396 @@
+"""`Loader`: order, concurrency, errors, timeouts, shutdown, statistics and exact resume."""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import framefeed
+import framefeed.synth
+from framefeed.errors import ConfigError, FramefeedError
+from framefeed.loader.pipeline import Loader, PipelineError
+from framefeed.sampling.samplers import ShardedShuffleSampler
+
+pytestmark = pytest.mark.timeout(60)
+
+
+_STAGE_THREADS = ("framefeed-source", "framefeed-fetch-", "framefeed-collate", "framefeed-transfer")
+
+
+def _framefeed_threads(prefixes: tuple[str, ...] = _STAGE_THREADS) -> list[str]:
+    """Live threads of loaders (by default), or of anything framefeed starts (``("framefeed-",)``).
+
+    A `MapDataset` owns decoder threads (``framefeed-decode_*``) until it is closed; the module's
+    dataset fixture checks those after closing it.
+    """
+    return [t.name for t in threading.enumerate() if t.name.startswith(prefixes)]
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_threads() -> Iterator[None]:
+    yield
+    deadline = time.monotonic() + 5
+    while _framefeed_threads() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _framefeed_threads() == []
+
+
+def _jitter(x: int) -> int:
+    time.sleep(random.Random(x).uniform(0, 0.01))
+    return x * 10
+
+
+def test_input_order_is_preserved_when_fetch_times_vary() -> None:
+    with Loader(range(40), fetch=_jitter, threads=4, buffer_size=3) as loader:
+        assert list(loader) == [x * 10 for x in range(40)]
+
+
+def test_completion_order_yields_everything() -> None:
+    with Loader(range(40), fetch=_jitter, threads=4, order="completion") as loader:
+        assert sorted(loader) == [x * 10 for x in range(40)]
+
+
+def test_results_equal_a_plain_loop_and_loader_iterates_again() -> None:
+    items = [[i, i + 1] for i in range(0, 20, 2)]
+
+    def fetch(item: list[int]) -> torch.Tensor:
+        return torch.tensor(item) * 2
+
+    expected = [fetch(i) for i in items]
+    with Loader(items, fetch=fetch, threads=3) as loader:
+        for _ in range(2):  # a second epoch starts from the beginning
+            got = list(loader)
+            assert len(got) == len(expected)
+            assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+
+
+def test_fetches_run_concurrently() -> None:
+    lock = threading.Lock()
+    running = 0
+    peak = 0
+
+    def fetch(x: int) -> int:
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        time.sleep(0.02)
+        with lock:
+            running -= 1
+        return x
+
+    with Loader(range(16), fetch=fetch, threads=4) as loader:
+        assert list(loader) == list(range(16))
+    assert peak > 1
+
+
+def test_async_fetch() -> None:
+    async def fetch(x: int) -> int:
+        return x + 1
+
+    with Loader(range(10), fetch=fetch, threads=2) as loader:
+        assert list(loader) == list(range(1, 11))
+
+
+def test_batch_size_collates_samples() -> None:
+    def fetch(i: int) -> dict[str, Any]:
+        return {"x": torch.tensor([i, i], dtype=torch.uint8), "name": f"s{i}"}
+
+    with Loader(range(7), fetch=fetch, batch_size=3, threads=2) as loader:
+        batches = list(loader)
+    assert [b["name"] for b in batches] == [["s0", "s1", "s2"], ["s3", "s4", "s5"], ["s6"]]
+    assert batches[0]["x"].dtype == torch.uint8
+    assert batches[1]["x"].tolist() == [[3, 3], [4, 4], [5, 5]]
+    with Loader(range(7), fetch=fetch, batch_size=3, drop_last=True) as loader:
+        assert len(list(loader)) == 2
+
+
+def _fail_on_5(x: int) -> int:
+    if x == 5:
+        raise ValueError("bad item five")
+    return x
+
+
+def test_error_names_stage_and_item_and_chains_cause() -> None:
+    got: list[int] = []
+    with (
+        Loader(range(10), fetch=_fail_on_5, threads=3) as loader,
+        pytest.raises(PipelineError) as info,
+    ):
+        for x in loader:
+            got.append(x)
+    assert got == [0, 1, 2, 3, 4]  # in input order, the items before the failing one arrive
+    assert isinstance(info.value, FramefeedError)
+    assert "'fetch'" in str(info.value) and "5" in str(info.value)
+    assert info.value.stage == "fetch" and info.value.item == "5"
+    assert isinstance(info.value.__cause__, ValueError)
+    assert "bad item five" in str(info.value.__cause__)
+    assert loader.stats()[1].errors == 1
+
+
+def test_source_error_is_reported() -> None:
+    def source() -> Iterator[int]:
+        yield 0
+        raise RuntimeError("source broke")
+
+    with Loader(source(), threads=2) as loader, pytest.raises(PipelineError) as info:
+        list(loader)
+    assert info.value.stage == "source"
+    assert isinstance(info.value.__cause__, RuntimeError)
+
+
+def test_long_item_repr_is_truncated() -> None:
+    def fail(item: list[int]) -> None:
+        raise KeyError("nope")
+
+    with Loader([list(range(1000))], fetch=fail) as loader, pytest.raises(PipelineError) as info:
+        list(loader)
+    assert info.value.item is not None and len(info.value.item) <= 80
+    assert info.value.item.endswith("...")
+
+
+def test_skip_policy_counts_and_skips() -> None:
+    def fetch(x: int) -> int:
+        if x % 4 == 0:
+            raise ValueError(x)
+        return x
+
+    with Loader(range(20), fetch=fetch, threads=3, on_error="skip") as loader:
+        assert list(loader) == [x for x in range(20) if x % 4]
+        stats = {s.name: s for s in loader.stats()}
+    assert stats["fetch"].errors == 5 and stats["fetch"].skipped == 5
+    assert stats["fetch"].items == 15
+    assert "skipped" in loader.stats_table()
+
+
+def test_timeout_names_the_waiting_stage() -> None:
+    release = threading.Event()
+
+    def fetch(x: int) -> int:
+        if x == 2:
+            release.wait(5.0)
+        return x
+
+    got: list[int] = []
+    with Loader(range(5), fetch=fetch, threads=2, timeout_s=0.25) as loader:
+        with pytest.raises(PipelineError, match="timeout") as info:
+            for x in loader:
+                got.append(x)
+        assert _framefeed_threads()  # the stuck fetch thread is not waited for by the raise
+        release.set()
+    assert _framefeed_threads() == []  # close() waited for it
+    assert got == [0, 1]
+    assert info.value.stage == "fetch"
+    assert "framefeed-fetch" in str(info.value)
+
+
+def test_early_break_leaves_no_threads() -> None:
+    loader = Loader(range(1000), fetch=_jitter, threads=4)
+    for i, _ in enumerate(loader):
+        if i == 3:
+            break
+    assert _framefeed_threads() == []  # the generator was closed when the loop ended
+    loader.close()
+
+
+def test_close_is_idempotent_and_stops_iteration() -> None:
+    loader = Loader(range(1000), fetch=_jitter, threads=2)
+    it = iter(loader)
+    assert next(it) == 0
+    assert _framefeed_threads()
+    loader.close()
+    assert _framefeed_threads() == []
+    loader.close()
+    with pytest.raises(PipelineError, match="closed"):
+        next(it)
+    with pytest.raises(PipelineError, match="closed"):
+        iter(loader)
+
+
+def test_stats_count_items_and_table_names_stages() -> None:
+    with Loader(range(12), fetch=_jitter, batch_size=4, threads=2) as loader:
+        assert len(list(loader)) == 3
+        stats = {s.name: s for s in loader.stats()}
+        table = loader.stats_table()
+    assert list(stats) == ["source", "fetch", "collate", "transfer", "sink"]
+    assert stats["source"].items == 12
+    assert stats["fetch"].items == 12 and stats["fetch"].threads == 2
+    assert stats["collate"].items == 3
+    assert stats["transfer"].items == 3 and stats["sink"].items == 3
+    assert stats["fetch"].busy_s > 0 and stats["fetch"].mean_s > 0
+    assert stats["fetch"].queue_max >= 0 and stats["fetch"].errors == 0
+    for name in stats:
+        assert name in table
+
+
+@pytest.mark.parametrize("stop_after", [0, 1, 6, 10])
+def test_state_dict_resumes_exactly_over_a_list(stop_after: int) -> None:
+    items = list(range(10))
+    loader = Loader(items, fetch=_jitter, threads=3, buffer_size=2)
+    first: list[int] = []
+    state: dict[str, Any] = loader.state_dict()
+    for x in loader:
+        if len(first) == stop_after:
+            break
+        first.append(x)
+        state = loader.state_dict()
+    loader.close()
+    assert state["delivered"] == stop_after
+    state = json.loads(json.dumps(state))
+    resumed = Loader(items, fetch=_jitter, threads=3, buffer_size=2)
+    resumed.load_state_dict(state)
+    rest = list(resumed)
+    assert first + rest == [x * 10 for x in items]
+    assert resumed.state_dict()["delivered"] == len(items)
+    assert list(resumed) == [x * 10 for x in items]  # the next epoch is whole again
+    resumed.close()
+
+
+def test_state_dict_resumes_with_batches_and_skips() -> None:
+    def fetch(x: int) -> int:
+        if x == 3:
+            raise ValueError(x)
+        return x
+
+    def make() -> Loader:
+        return Loader(list(range(11)), fetch=fetch, batch_size=2, on_error="skip")
+
+    with make() as loader:
+        everything = [b.tolist() for b in loader]
+    with make() as loader:
+        it = iter(loader)
+        first = [next(it).tolist() for _ in range(2)]
+        state = loader.state_dict()
+    with make() as resumed:
+        resumed.load_state_dict(state)
+        assert first + [b.tolist() for b in resumed] == everything
+
+
+def test_state_dict_needs_input_order() -> None:
+    with Loader(range(3), order="completion") as loader, pytest.raises(ConfigError):
+        loader.state_dict()
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ConfigError):
+        Loader(range(3), threads=0)
+    with pytest.raises(ConfigError):
+        Loader(range(3), order="random")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError):
+        Loader(range(3), sampler=[[0]])
+
+
+def test_transfer_is_a_noop_on_cpu() -> None:
+    def fetch(i: int) -> dict[str, Any]:
+        return {"img": torch.full((3, 4, 4), i, dtype=torch.uint8), "meta": [torch.tensor(i)]}
+
+    with Loader(range(4), fetch=fetch, batch_size=2, device="cpu", pin_memory=True) as loader:
+        batches = list(loader)
+    assert len(batches) == 2
+    for b in batches:
+        assert b["img"].dtype == torch.uint8 and b["img"].device.type == "cpu"
+    assert batches[1]["img"][1].unique().tolist() == [3]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only fallback")
+def test_cuda_device_without_cuda_warns_and_stays_on_cpu() -> None:
+    with pytest.warns(RuntimeWarning, match="CUDA is not available"):
+        loader = Loader(range(2), fetch=lambda i: torch.zeros(2, dtype=torch.uint8), device="cuda")
+    with loader:
+        assert all(t.device.type == "cpu" and t.dtype == torch.uint8 for t in loader)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_transfer() -> None:
+    def fetch(i: int) -> dict[str, Any]:
+        return {"img": torch.full((3, 8, 8), i, dtype=torch.uint8)}
+
+    with Loader(range(8), fetch=fetch, batch_size=4, device="cuda", pin_memory=True) as loader:
+        batches = list(loader)
+    for k, b in enumerate(batches):
+        assert b["img"].is_cuda and b["img"].dtype == torch.uint8
+        expected = torch.arange(4 * k, 4 * k + 4, dtype=torch.uint8).view(4, 1, 1, 1)
+        assert torch.equal(b["img"].cpu(), expected.expand(4, 3, 8, 8))
+
+
+# -- with a real MapDataset --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Iterator[framefeed.MapDataset]:
+    root = tmp_path_factory.mktemp("pipeline") / "ds"
+    framefeed.synth.write_lerobot_dataset(
+        root,
+        framefeed.synth.SynthConfig(num_episodes=3, min_length=8, max_length=10),
+        progress=False,
+    )
+    with framefeed.MapDataset(Path(root)) as ds:
+        yield ds
+    assert _framefeed_threads(("framefeed-",)) == []
+
+
+def _assert_same_batch(a: dict[str, Any], b: dict[str, Any]) -> None:
+    assert list(a) == list(b)
+    for key in a:
+        if isinstance(a[key], torch.Tensor):
+            assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+        else:
+            assert a[key] == b[key], key
+
+
+def test_map_dataset_batches_match_get_batch(dataset: framefeed.MapDataset) -> None:
+    n = len(dataset)
+    chunks = [list(range(i, min(i + 4, n))) for i in range(0, n, 4)]
+    with Loader(dataset, batch_size=4, threads=2) as loader:
+        batches = list(loader)
+    assert len(batches) == len(chunks)
+    for got, idx in zip(batches, chunks, strict=True):
+        _assert_same_batch(got, dataset.get_batch(idx))
+    images = [v for v in batches[0].values() if isinstance(v, torch.Tensor) and v.ndim == 4]
+    assert images and all(v.dtype == torch.uint8 for v in images)
+
+
+def test_map_dataset_with_a_sampler_resumes_exactly(dataset: framefeed.MapDataset) -> None:
+    def make_sampler() -> ShardedShuffleSampler:
+        return ShardedShuffleSampler(len(dataset), seed=7)
+
+    order = list(make_sampler())
+    index_lists = [order[i : i + 3] for i in range(0, len(order), 3)]
+    with Loader(dataset, sampler=make_sampler(), batch_size=3, threads=2) as loader:
+        batches = list(loader)
+    assert len(batches) == len(index_lists)
+    for got, idx in zip(batches, index_lists, strict=True):
+        _assert_same_batch(got, dataset.get_batch(idx))
+
+    with Loader(dataset, sampler=make_sampler(), batch_size=3, buffer_size=2) as loader:
+        it = iter(loader)
+        next(it)
+        next(it)
+        state = json.loads(json.dumps(loader.state_dict()))
+    assert state["delivered"] == 2 and state["source"]["yielded"] == 6
+    with Loader(dataset, sampler=make_sampler(), batch_size=3) as resumed:
+        resumed.load_state_dict(state)
+        rest = list(resumed)
+    assert len(rest) == len(index_lists) - 2
+    for got, idx in zip(rest, index_lists[2:], strict=True):
+        _assert_same_batch(got, dataset.get_batch(idx))
+
+
+def test_map_dataset_with_a_sampler_of_index_lists(dataset: framefeed.MapDataset) -> None:
+    index_lists = [[5, 1, 2], [0], [7, 7, 3, 4]]
+    with Loader(dataset, sampler=index_lists, threads=3) as loader:
+        for got, idx in zip(loader, index_lists, strict=True):
+            _assert_same_batch(got, dataset.get_batch(idx))
+
+
+def test_map_dataset_needs_batch_size_or_sampler(dataset: framefeed.MapDataset) -> None:
+    with pytest.raises(ConfigError):
+        Loader(dataset)
