@@ -29,6 +29,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import av
@@ -169,6 +170,28 @@ class Ceiling:
         return got
 
 
+class ThreadedCeiling:
+    """The decode-only ceiling with ``threads`` decoders: each file's sorted targets of a batch
+    are cut into ``threads`` contiguous parts, part k decoded by decoder set k in its thread."""
+
+    def __init__(self, ds: framefeed.Dataset, targets: _Targets, threads: int) -> None:
+        self.targets = targets
+        self.parts = [Ceiling(ds, targets) for _ in range(threads)]
+        self.pool = ThreadPoolExecutor(threads)
+
+    def batch(self, positions: np.ndarray, frames: np.ndarray) -> int:
+        work: list[list[tuple[str, list[int]]]] = [[] for _ in self.parts]
+        for path, targets in self.targets(positions, frames).items():
+            for k, chunk in enumerate(np.array_split(np.asarray(targets), len(self.parts))):
+                if len(chunk):
+                    work[k].append((path, chunk.tolist()))
+
+        def run(k: int) -> int:
+            return sum(self.parts[k]._decode_file(path, t) for path, t in work[k])
+
+        return sum(self.pool.map(run, range(len(self.parts))))
+
+
 class PyAVSeek:
     """The usual PyAV loop: seek the container to the keyframe, decode up to the target."""
 
@@ -212,6 +235,12 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=30, help="batches per timed run")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds per configuration")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--section",
+        choices=["all", "dataloader", "loader"],
+        default="all",
+        help="torch DataLoader runs, framefeed Loader runs, or both",
+    )
     args = parser.parse_args()
     if not os.path.exists(os.path.join(args.root, "meta", "info.json")):
         t0 = time.perf_counter()
@@ -223,6 +252,10 @@ def main() -> None:
     )
     n = args.batches * args.batch_size
     index = framefeed.SampleIndex.from_dataset(ds)
+    if args.section in ("all", "loader"):
+        _loader_section(ds, args)
+    if args.section == "loader":
+        return
     for label, deltas in (("none", None), ("chunk", CHUNK)):
         targets = _Targets(ds, deltas)
         baselines = {"ceiling": Ceiling(ds, targets), "pyav_seek": PyAVSeek(ds, targets)}
@@ -264,6 +297,44 @@ def main() -> None:
                 ratio_vs_pyav_seek=round(ff / rates["pyav_seek"], 3),
                 external_cpu_cores=round(external, 2),
             )
+
+
+def _loader_section(ds: framefeed.Dataset, args: argparse.Namespace) -> None:
+    """framefeed's own Loader: 1 vs 2 decode threads in one process, against the ceiling run
+    with the same number of threads (issue 4's first target)."""
+    n = args.batches * args.batch_size
+    index = framefeed.SampleIndex.from_dataset(ds)
+    targets = _Targets(ds, None)
+    ceilings = {1: Ceiling(ds, targets), 2: ThreadedCeiling(ds, targets, 2)}
+    runs: dict[str, list[float]] = {}
+    for rnd in range(args.rounds + 1):
+        gen = torch.Generator().manual_seed(100 + rnd)
+        order = torch.randperm(ds.num_frames, generator=gen)[:n].numpy()
+        for threads in (1, 2):
+            rate = _measure(_baseline_run(ceilings[threads], index, order, args.batch_size))
+            runs.setdefault(f"ceiling_{threads}", []).append(rate["samples_per_s"])
+            mapds = framefeed.MapDataset(ds, decode_threads=threads)
+
+            def run_loader(mapds: framefeed.MapDataset = mapds, order: np.ndarray = order) -> int:
+                with framefeed.Loader(
+                    mapds, batch_size=args.batch_size, sampler=order.tolist(), threads=1
+                ) as loader:
+                    return sum(len(b["index"]) for b in loader)
+
+            rate = _measure(run_loader)
+            runs.setdefault(f"loader_{threads}", []).append(rate["samples_per_s"])
+            mapds.close()
+    med = {k: statistics.median(v[1:]) for k, v in runs.items()}
+    _emit(
+        bench="map_random.loader",
+        samples=n,
+        loader_1_thread=round(med["loader_1"], 1),
+        loader_2_threads=round(med["loader_2"], 1),
+        ceiling_1_thread=round(med["ceiling_1"], 1),
+        ceiling_2_threads=round(med["ceiling_2"], 1),
+        speedup_2_over_1=round(med["loader_2"] / med["loader_1"], 3),
+        ratio_vs_ceiling_same_threads=round(med["loader_2"] / med["ceiling_2"], 3),
+    )
 
 
 def _emit(**record: Any) -> None:
