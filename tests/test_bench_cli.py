@@ -32,6 +32,7 @@ def test_bench_json_records(
         )
         assert set(record["batch_latency_ms"]) == {"p50", "p95", "p99"}
         assert record["peak_rss_tree_mb"] >= record["peak_pss_tree_mb"] > 0
+        assert record["peak_rss_tree_mb"] >= record["rss_tree_mb_last_quarter"] > 0
         assert 0 < record["episodes_per_batch_ratio"] <= 1
     assert ours["engine"]["frames_returned"] >= ours["samples"]
     assert ratio["framefeed_over_naive"] == pytest.approx(

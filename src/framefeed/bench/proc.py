@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 __all__ = ["PeakMemory", "cpu_busy_seconds", "tree_memory"]
 
@@ -60,11 +61,14 @@ class PeakMemory:
         self.interval_s = interval_s
         self.rss = 0
         self.pss = 0
+        self.samples: list[tuple[float, int]] = []
+        """(monotonic time, tree RSS) of every sample, to see whether memory grows."""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="framefeed-peakmem", daemon=True)
 
     def sample(self) -> None:
         rss, pss = tree_memory(os.getpid(), self.exclude)
+        self.samples.append((time.monotonic(), rss))
         self.rss = max(self.rss, rss)
         self.pss = max(self.pss, pss)
 
@@ -81,3 +85,19 @@ class PeakMemory:
         self._stop.set()
         self._thread.join()
         self.sample()
+
+
+def rss_trend(samples: list[tuple[float, int]], start: float, stop: float) -> tuple[int, int]:
+    """Mean tree RSS over the first and over the last quarter of ``[start, stop]``."""
+    span = max(stop - start, 1e-9)
+    first = [r for t, r in samples if start <= t <= start + span / 4]
+    last = [r for t, r in samples if stop - span / 4 <= t <= stop]
+    if samples and not first:  # a short window: the sample nearest its start
+        first = [min(samples, key=lambda s: abs(s[0] - start))[1]]
+    if samples and not last:
+        last = [min(samples, key=lambda s: abs(s[0] - stop))[1]]
+    return _mean(first), _mean(last)
+
+
+def _mean(values: list[int]) -> int:
+    return int(sum(values) / len(values)) if values else 0

@@ -23,7 +23,7 @@ from ..catalog import Dataset
 from ..datasets import IterableDataset, MapDataset
 from ..formats import open_dataset
 from ..loader import collate
-from .proc import PeakMemory, cpu_busy_seconds
+from .proc import PeakMemory, cpu_busy_seconds, rss_trend
 
 __all__ = ["BenchConfig", "run_bench"]
 
@@ -66,32 +66,38 @@ def _deltas(ds: Dataset, delta: str) -> dict[str, list[float]] | None:
 
 
 def _tree_cpu_seconds() -> float:
-    """User + system CPU of this process and its live children."""
-    pids = [os.getpid()]
+    """User + system CPU of this process, its exited children and its live children."""
+    own = os.times()
+    total = own.user + own.system + own.children_user + own.children_system
+    ticks = 0
     for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    fields = fh.read().rsplit(")", 1)[1].split()
-                if int(fields[1]) == os.getpid():
-                    pids.append(int(entry))
-            except (OSError, ValueError, IndexError):
-                continue
-    total = 0
-    for pid in pids:
+        if not entry.isdigit():
+            continue
         try:
-            with open(f"/proc/{pid}/stat") as fh:
+            with open(f"/proc/{entry}/stat") as fh:
                 fields = fh.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
+            if int(fields[1]) == os.getpid():
+                ticks += int(fields[11]) + int(fields[12])
         except (OSError, ValueError, IndexError):
             continue
-    return total / os.sysconf("SC_CLK_TCK")
+    return total + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _forever(loader: Any) -> Any:
+    """Batches of ``loader`` epoch after epoch (``set_epoch`` when the dataset has it)."""
+    epoch = 0
+    while True:
+        set_epoch = getattr(getattr(loader, "dataset", None), "set_epoch", None)
+        if set_epoch is not None:
+            set_epoch(epoch)
+        yield from loader
+        epoch += 1
 
 
 def _measure(batches: Any, cfg: BenchConfig, frames_per_sample: int) -> dict[str, Any]:
     with PeakMemory() as mem:
         t0 = time.perf_counter()
-        it = iter(batches)
+        it = iter(_forever(batches))
         first = next(it)
         first_s = time.perf_counter() - t0
         del first
@@ -100,6 +106,7 @@ def _measure(batches: Any, cfg: BenchConfig, frames_per_sample: int) -> dict[str
             if time.perf_counter() >= warm_end:
                 break
         busy0, own0 = cpu_busy_seconds(), _tree_cpu_seconds()
+        window_start = time.monotonic()
         start = last = time.perf_counter()
         latencies: list[float] = []
         samples = 0
@@ -115,8 +122,10 @@ def _measure(batches: Any, cfg: BenchConfig, frames_per_sample: int) -> dict[str
             if now - start >= cfg.seconds:
                 break
         wall = time.perf_counter() - start
+        window_stop = time.monotonic()
         external = max(0.0, (cpu_busy_seconds() - busy0) - (_tree_cpu_seconds() - own0)) / wall
         del it
+    rss_first, rss_last = rss_trend(mem.samples, window_start, window_stop)
     lat = np.asarray(latencies) if latencies else np.zeros(1)
     per_sample = lat / cfg.batch_size
     return {
@@ -135,6 +144,8 @@ def _measure(batches: Any, cfg: BenchConfig, frames_per_sample: int) -> dict[str
         },
         "peak_rss_tree_mb": round(mem.rss / 2**20, 1),
         "peak_pss_tree_mb": round(mem.pss / 2**20, 1),
+        "rss_tree_mb_first_quarter": round(rss_first / 2**20, 1),
+        "rss_tree_mb_last_quarter": round(rss_last / 2**20, 1),
         "episodes_per_batch_ratio": round(float(np.mean(randomness)) if randomness else 0.0, 3),
         "external_cpu_cores": round(external, 2),
     }
