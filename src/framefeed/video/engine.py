@@ -418,8 +418,7 @@ def _segment_span(
 ) -> tuple[int, int] | None:
     """Byte span of the packets a segment ``[t0, t1)`` (seconds) needs: from the keyframe
     anchoring its first frame to its last frame; None if it is too scattered to fetch whole."""
-    times = index.seconds(index.pts)
-    inside = np.flatnonzero((times >= t0 - tolerance_s) & (times < t1 - tolerance_s))
+    inside = index.packets_between(t0 - tolerance_s, t1 - tolerance_s)
     if inside.size == 0:
         return None
     first = min(index.anchor(int(inside[np.argmin(index.pts[inside])])), int(inside.min()))

@@ -141,6 +141,14 @@ class VideoIndex:
         by_pts: np.ndarray = self._by_pts  # type: ignore[attr-defined]
         return np.asarray(by_pts[nearest], dtype=np.int64)
 
+    def packets_between(self, t0: float, t1: float) -> np.ndarray:
+        """Decode-order packets whose time lies in ``[t0, t1)`` seconds (binary search)."""
+        sorted_pts: np.ndarray = self._sorted_pts  # type: ignore[attr-defined]
+        by_pts: np.ndarray = self._by_pts  # type: ignore[attr-defined]
+        ticks = np.asarray([t0, t1], dtype=np.float64) / float(self.time_base)
+        lo, hi = np.searchsorted(sorted_pts, ticks, side="left")
+        return np.asarray(by_pts[lo:hi], dtype=np.int64)
+
     def anchor(self, packet: int) -> int:
         """Keyframe to start decoding from to reach ``packet``.
 
