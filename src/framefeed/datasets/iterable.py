@@ -170,10 +170,14 @@ class IterableDataset(Serving, torch.utils.data.IterableDataset[Any]):
         info = torch.utils.data.get_worker_info()
         return (0, 1) if info is None else (info.id, info.num_workers)
 
+    def _current_layers(self) -> list[Layer]:
+        """Resume layers, when they belong to the epoch about to run (else a fresh epoch)."""
+        return self._layers if self._layers_epoch == self.epoch else []
+
     def state_dict(self) -> dict[str, Any]:
         """Progress of this consumer: JSON-serialisable, small."""
         worker, num_workers = self._consumer()
-        layers = self._layers if self._layers_epoch == self.epoch else []
+        layers = self._current_layers()
         return {
             "version": _STATE_VERSION,
             "seed": self.seed,
@@ -233,19 +237,18 @@ class IterableDataset(Serving, torch.utils.data.IterableDataset[Any]):
 
     def _order(self) -> np.ndarray:
         worker, num_workers = self._consumer()
-        layers = self._layers if self._layers_epoch == self.epoch else []
+        layers = self._current_layers()
         return self._stream_order().worker_order(layers, worker, num_workers)
 
     def samples_per_epoch(self, num_workers: int = 1) -> int:
         """Samples this rank yields in the current epoch with ``num_workers`` workers."""
         order = self._stream_order()
-        layers = self._layers if self._layers_epoch == self.epoch else []
+        layers = self._current_layers()
         return sum(len(order.worker_order(layers, w, num_workers)) for w in range(num_workers))
 
     def __iter__(self) -> Iterator[Any]:
         order = self._order()
         start = self._yielded
-        self._yielded = start
         # The first chunk is one batch (or a few samples), so the first batch does not wait
         # for a whole fetch; later chunks are fetch_size samples.
         first = min(self.fetch_size, self.batch_size or 8)
