@@ -288,6 +288,69 @@ def test_bad_arguments() -> None:
         Loader(range(3), sampler=[[0]])
 
 
+def test_collate_fn_replaces_the_default_collate() -> None:
+    seen: list[list[int]] = []
+
+    def summarise(samples: list[int]) -> tuple[int, int]:
+        seen.append(list(samples))
+        return len(samples), sum(samples)
+
+    with Loader(range(7), fetch=_jitter, batch_size=3, collate_fn=summarise) as loader:
+        assert list(loader) == [(3, 30), (3, 120), (1, 60)]
+        stats = {s.name: s for s in loader.stats()}
+    assert seen == [[0, 10, 20], [30, 40, 50], [60]]
+    assert stats["collate"].items == 3
+
+
+def test_collate_fn_errors_name_the_collate_stage() -> None:
+    def broken(samples: list[int]) -> None:
+        raise TypeError("cannot collate")
+
+    with (
+        Loader(range(4), batch_size=2, collate_fn=broken) as loader,
+        pytest.raises(PipelineError) as info,
+    ):
+        list(loader)
+    assert info.value.stage == "collate" and isinstance(info.value.__cause__, TypeError)
+    with Loader(range(4), batch_size=2, collate_fn=broken, on_error="skip") as loader:
+        assert list(loader) == []
+        assert loader.stats()[2].skipped == 2
+
+
+def test_collate_fn_needs_something_to_collate() -> None:
+    with pytest.raises(ConfigError, match="collate_fn"):
+        Loader(range(3), collate_fn=list)
+    with pytest.raises(ConfigError, match="collate_fn"):
+        Loader(range(3), batch_size=2, collate_fn=3)  # type: ignore[arg-type]
+
+
+class _EpochSource:
+    """A source whose items depend on the epoch, recording ``set_epoch`` calls."""
+
+    def __init__(self) -> None:
+        self.epoch = 0
+        self.calls: list[int] = []
+
+    def set_epoch(self, epoch: int) -> None:
+        self.calls.append(epoch)
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.epoch * 10, self.epoch * 10 + 3))
+
+
+def test_set_epoch_reaches_the_source() -> None:
+    source = _EpochSource()
+    with Loader(source, threads=2) as loader:
+        assert list(loader) == [0, 1, 2]
+        loader.set_epoch(4)
+        assert list(loader) == [40, 41, 42]
+    assert source.calls == [4]
+    with Loader(range(3)) as plain:
+        plain.set_epoch(1)  # nothing to pass it to: the order is the same
+        assert list(plain) == [0, 1, 2]
+
+
 def test_transfer_is_a_noop_on_cpu() -> None:
     def fetch(i: int) -> dict[str, Any]:
         return {"img": torch.full((3, 4, 4), i, dtype=torch.uint8), "meta": [torch.tensor(i)]}
@@ -394,3 +457,46 @@ def test_map_dataset_with_a_sampler_of_index_lists(dataset: framefeed.MapDataset
 def test_map_dataset_needs_batch_size_or_sampler(dataset: framefeed.MapDataset) -> None:
     with pytest.raises(ConfigError):
         Loader(dataset)
+
+
+def test_set_epoch_reaches_the_sampler(dataset: framefeed.MapDataset) -> None:
+    sampler = ShardedShuffleSampler(len(dataset), seed=3)
+    reference = ShardedShuffleSampler(len(dataset), seed=3)
+    with Loader(dataset, sampler=sampler, batch_size=4, threads=2) as loader:
+        epochs = []
+        for epoch in (0, 1):
+            loader.set_epoch(epoch)
+            reference.set_epoch(epoch)
+            order = list(reference)
+            batches = list(loader)
+            for got, start in zip(batches, range(0, len(order), 4), strict=True):
+                _assert_same_batch(got, dataset.get_batch(order[start : start + 4]))
+            epochs.append(torch.cat([b["index"] for b in batches]).tolist())
+    assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(len(dataset)))
+    assert epochs[0] != epochs[1]
+
+
+def test_collate_fn_with_a_dataset_gets_its_samples(dataset: framefeed.MapDataset) -> None:
+    sampler = ShardedShuffleSampler(len(dataset), seed=5)
+    order = list(ShardedShuffleSampler(len(dataset), seed=5))
+    calls: list[int] = []
+
+    def stack(samples: list[dict[str, Any]]) -> dict[str, Any]:
+        calls.append(len(samples))
+        return torch.utils.data.default_collate(samples)  # type: ignore[no-any-return]
+
+    with Loader(dataset, sampler=sampler, batch_size=5, collate_fn=stack) as loader:
+        it = iter(loader)
+        first = next(it)
+        state = json.loads(json.dumps(loader.state_dict()))
+        rest = list(it)
+    assert calls[0] == 5 and sum(calls) == len(dataset)
+    for got, start in zip([first, *rest], range(0, len(order), 5), strict=True):
+        _assert_same_batch(got, dataset.get_batch(order[start : start + 5]))
+    sampler2 = ShardedShuffleSampler(len(dataset), seed=5)
+    with Loader(dataset, sampler=sampler2, batch_size=5, collate_fn=stack) as resumed:
+        resumed.load_state_dict(state)
+        again = list(resumed)
+    assert len(again) == len(rest)
+    for a, b in zip(again, rest, strict=True):
+        _assert_same_batch(a, b)

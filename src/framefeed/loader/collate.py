@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch.utils.data import default_collate
 
-__all__ = ["collate"]
+__all__ = ["collate", "collate_any"]
 
 
 def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -53,3 +53,10 @@ def _as_batch_view(values: list[Any]) -> torch.Tensor | None:
     batch: torch.Tensor = first.new_empty(0)
     batch.set_(first.untyped_storage(), base, (len(values), *first.shape), (step, *first.stride()))
     return batch
+
+
+def collate_any(samples: list[Any]) -> Any:
+    """The `Loader`'s default: `collate` for dict samples, torch's default collate otherwise."""
+    if all(isinstance(s, dict) for s in samples):
+        return collate(samples)
+    return default_collate(samples)

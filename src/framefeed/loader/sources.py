@@ -1,0 +1,156 @@
+"""What a `Loader` iterates: work items, the fetch that runs on each, and how outputs collate.
+
+`plan_source` turns the ``Loader``'s arguments into a `SourcePlan`. A dataset with
+``get_batch`` (a `framefeed.MapDataset`) is read one index list at a time: ``get_batch`` returns
+a collated batch, or with a custom ``collate_fn`` its ``__getitems__`` returns the samples and
+the collate stage calls ``collate_fn`` on them. Any other iterable passes its items to ``fetch``
+and, with ``batch_size``, groups of fetched samples are collated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, cast, runtime_checkable
+
+from ..errors import ConfigError
+
+__all__ = ["BatchSource", "SourcePlan", "Stateful", "plan_source"]
+
+
+@runtime_checkable
+class Stateful(Protocol):
+    """A source with its own checkpoint (a framefeed sampler)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@runtime_checkable
+class BatchSource(Protocol):
+    """A dataset that reads a whole batch at once, like `framefeed.MapDataset`."""
+
+    def __len__(self) -> int: ...
+
+    def get_batch(self, indices: Sequence[int]) -> Any: ...
+
+
+class _Batched:
+    """Groups of ``size`` consecutive indices of a sampler; its state is the sampler's."""
+
+    def __init__(self, sampler: Iterable[int], size: int, drop_last: bool) -> None:
+        self.sampler = sampler
+        self.size = size
+        self.drop_last = drop_last
+
+    def __iter__(self) -> Iterator[list[int]]:
+        group: list[int] = []
+        for index in self.sampler:
+            group.append(int(index))
+            if len(group) == self.size:
+                yield group
+                group = []
+        if group and not self.drop_last:
+            yield group
+
+
+class _StatefulBatched(_Batched):
+    """`_Batched` over a sampler with ``state_dict``: exact after each whole group."""
+
+    def __init__(self, sampler: Stateful, size: int, drop_last: bool) -> None:
+        super().__init__(cast(Iterable[int], sampler), size, drop_last)
+        self.stateful = sampler
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.stateful.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stateful.load_state_dict(state)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SourcePlan:
+    """How a `Loader` turns its source into outputs."""
+
+    items: Iterable[Any]
+    """The work items, in order; a `Stateful` one is checkpointed by its own state."""
+    fetch: Callable[[Any], Any]
+    """Runs on each item in the fetch threads."""
+    group_size: int | None
+    """Collate this many fetched results into one output (None: see ``collate_each``)."""
+    collate_each: bool
+    """Each fetched result is a list of samples that is collated into one output."""
+    epoch_targets: tuple[Any, ...]
+    """Objects whose ``set_epoch`` `Loader.set_epoch` calls (the source, the sampler)."""
+
+
+def plan_source(
+    source: Iterable[Any] | BatchSource,
+    *,
+    fetch: Callable[[Any], Any] | None,
+    sampler: Iterable[Sequence[int]] | Iterable[int] | None,
+    batch_size: int | None,
+    drop_last: bool,
+    custom_collate: bool,
+) -> SourcePlan:
+    """The `SourcePlan` for a `Loader`'s arguments (see `Loader` for their meaning)."""
+    targets = tuple(
+        obj
+        for i, obj in enumerate((source, sampler))
+        if callable(getattr(obj, "set_epoch", None)) and (i == 0 or obj is not source)
+    )
+    if fetch is None and isinstance(source, BatchSource):
+        items: Iterable[Any]
+        if sampler is not None and batch_size is not None:
+            if isinstance(sampler, Stateful):
+                items = _StatefulBatched(sampler, batch_size, drop_last)
+            else:
+                items = _Batched(cast(Iterable[int], sampler), batch_size, drop_last)
+        elif sampler is not None:
+            items = sampler
+        elif batch_size is None:
+            raise ConfigError("a dataset source needs batch_size or a sampler of index lists")
+        else:
+            n = len(source)
+            stop = n - n % batch_size if drop_last else n
+            items = [list(range(i, min(i + batch_size, n))) for i in range(0, stop, batch_size)]
+        return SourcePlan(
+            items=items,
+            fetch=_samples_of(source) if custom_collate else source.get_batch,
+            group_size=None,  # get_batch returns collated batches; __getitems__ one batch's list
+            collate_each=custom_collate,
+            epoch_targets=targets,
+        )
+    if sampler is not None:
+        raise ConfigError("sampler is only used with fetch=None and a source with get_batch")
+    if custom_collate and batch_size is None:
+        raise ConfigError(
+            "collate_fn needs batch_size (samples to collate per output) or a dataset source "
+            "with get_batch"
+        )
+    return SourcePlan(
+        items=cast(Iterable[Any], source),  # a torch Dataset iterates by __getitem__
+        fetch=fetch if fetch is not None else _identity,
+        group_size=batch_size,
+        collate_each=False,
+        epoch_targets=targets,
+    )
+
+
+def _samples_of(source: BatchSource) -> Callable[[Sequence[int]], list[Any]]:
+    """The samples of one index list, uncollated: ``__getitems__`` or one ``__getitem__`` each."""
+    getitems = getattr(source, "__getitems__", None)
+    if callable(getitems):
+        return cast(Callable[[Sequence[int]], list[Any]], getitems)
+    getitem = getattr(source, "__getitem__", None)
+    if callable(getitem):
+        return lambda indices: [getitem(int(i)) for i in indices]
+    raise ConfigError(
+        f"collate_fn with a dataset source needs samples: {type(source).__name__} has "
+        "get_batch but neither __getitems__ nor __getitem__"
+    )
+
+
+def _identity(item: Any) -> Any:
+    return item
