@@ -23,11 +23,13 @@ from .fields import (
     Window,
 )
 from .formats import open_dataset
-from .index import SampleIndex
+from .index import FixedRateSampling, IndexSpec, SampleIndex
 from .loader import Loader, PipelineError, StageStats, collate
 from .rangecache import CacheConfig
 from .sampling import EpisodeAwareSampler, SequenceSampler, ShardedShuffleSampler, WeightedSampler
 from .storage import RetryPolicy
+from .streams import ColumnRows, SegmentSource, Stream, from_streams
+from .tracing import tracing_scope, with_tracing
 
 __version__ = "0.1.0"
 
@@ -35,16 +37,19 @@ __all__ = [
     "CacheConfig",
     "Column",
     "ColumnKind",
+    "ColumnRows",
     "ConfigError",
     "Dataset",
     "DecodeError",
     "Decoder",
     "EpisodeAwareSampler",
     "Field",
+    "FixedRateSampling",
     "FormatError",
     "FrameTimestampError",
     "FramefeedError",
     "ImageDecoder",
+    "IndexSpec",
     "IterableDataset",
     "Loader",
     "MapDataset",
@@ -53,10 +58,12 @@ __all__ = [
     "RetryPolicy",
     "SampleIndex",
     "Segment",
+    "SegmentSource",
     "SequenceSampler",
     "ShardedShuffleSampler",
     "StageStats",
     "StorageError",
+    "Stream",
     "TaskDecoder",
     "TextDecoder",
     "Timeline",
@@ -67,6 +74,9 @@ __all__ = [
     "Window",
     "__version__",
     "collate",
+    "from_streams",
     "merge_worker_states",
     "open_dataset",
+    "tracing_scope",
+    "with_tracing",
 ]

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
     from .storage import Storage
+    from .streams import SegmentSource
 
 __all__ = [
     "Column",
@@ -42,6 +43,8 @@ class ColumnKind(enum.Enum):
     """Encoded image bytes (PNG/JPEG), one per row."""
     VIDEO = "video"
     """Frames inside container files (MP4), located through the segment's `VideoSpan`."""
+    PACKETS = "packets"
+    """Video as one compressed packet per row (H.264, HEVC, AV1); ``info["codec"]`` names it."""
     TEXT = "text"
     """Strings, one per row."""
 
@@ -137,6 +140,7 @@ class Dataset:
         tasks: Sequence[str],
         segments: pa.Table,
         info: Mapping[str, Any],
+        source: SegmentSource | None = None,
     ) -> None:
         self.storage = storage
         self.format_name = format_name
@@ -147,10 +151,24 @@ class Dataset:
         self.tasks: tuple[str, ...] = tuple(tasks)
         self.info: dict[str, Any] = dict(info)
         self._table = segments
+        self.source = source
         self.segment_ids = _int_column(segments, "episode_index")
         self.lengths = _int_column(segments, "length")
-        self.start_rows = _int_column(segments, "dataset_from_index")
-        self.data_paths = np.asarray(segments.column("_data_path").to_pylist(), dtype=object)
+        names = segments.column_names
+        if "dataset_from_index" in names:
+            self.start_rows = _int_column(segments, "dataset_from_index")
+        else:
+            self.start_rows = np.concatenate([[0], np.cumsum(self.lengths)[:-1]]).astype(np.int64)
+        paths = segments.column("_data_path").to_pylist() if "_data_path" in names else None
+        self.data_paths = np.asarray(paths or [""] * len(self.lengths), dtype=object)
+        self.ranges: dict[str, tuple[np.ndarray, np.ndarray]] = {
+            t.name: (
+                _int_column(segments, f"{t.name}/start"),
+                _int_column(segments, f"{t.name}/end"),
+            )
+            for t in self.timelines
+            if f"{t.name}/start" in names
+        }
         self.video_paths: dict[str, np.ndarray] = {}
         self.video_from: dict[str, np.ndarray] = {}
         self.video_to: dict[str, np.ndarray] = {}
@@ -166,6 +184,19 @@ class Dataset:
             f"Dataset({self.storage.root!r}, format={self.format_name} {self.version}, "
             f"segments={self.num_segments}, frames={self.num_frames}, fps={self.fps:g})"
         )
+
+    @property
+    def is_recording(self) -> bool:
+        """Whether columns have rows of their own (a multi-rate `SegmentSource`), not frames."""
+        return self.source is not None
+
+    def timeline(self, name: str) -> Timeline:
+        """The timeline called ``name``; a `ConfigError` lists the known ones otherwise."""
+        for t in self.timelines:
+            if t.name == name:
+                return t
+        known = ", ".join(t.name for t in self.timelines)
+        raise ConfigError(f"{self.root}: no timeline {name!r}; timelines are: {known}")
 
     @property
     def root(self) -> str:
@@ -210,6 +241,13 @@ class Dataset:
                 f"episodes with ids {int(self.segment_ids.min())}..{int(self.segment_ids.max())})"
             )
         return int(hits[0])
+
+    def segment_range(self, timeline: str, position: int) -> tuple[int, int]:
+        """First and last index value (inclusive) of a segment on ``timeline``."""
+        if timeline not in self.ranges:
+            raise ConfigError(f"{self.root}: no per-segment range for timeline {timeline!r}")
+        start, end = self.ranges[timeline]
+        return int(start[position]), int(end[position])
 
     def segment(self, position: int) -> Segment:
         """A `Segment` view of the segment at ``position``."""

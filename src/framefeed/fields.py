@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 import av
 import numpy as np
@@ -305,6 +305,21 @@ class Field:
     """Frames around the sample (a `Window`, or a sequence of integer steps)."""
     key: str | None = None
     """Output key; defaults to ``path``."""
+    select: str | None = None
+    """Path into nested values applied before decoding (``"[0]"``, ``"pose.x"``): see
+    `framefeed.select`."""
+    max_staleness: float | None = None
+    """Recordings: how old the latest value may be (seconds on a time timeline, steps on a
+    sequence timeline); older values are masked in ``<key>_is_pad`` or, with
+    ``on_stale="drop"``, their samples leave the index."""
+    on_stale: Literal["mask", "drop"] = "mask"
+    """What a stale value does to its sample (see ``max_staleness``)."""
+
+    def __post_init__(self) -> None:
+        if self.on_stale not in ("mask", "drop"):
+            raise ConfigError(f"field {self.out_key!r}: on_stale must be 'mask' or 'drop'")
+        if self.max_staleness is not None and not self.max_staleness >= 0:
+            raise ConfigError(f"field {self.out_key!r}: max_staleness must be >= 0")
 
     @property
     def out_key(self) -> str:

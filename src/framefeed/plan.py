@@ -1,8 +1,10 @@
 """Batch read plans: from sample numbers and fields to the batch's values, in one pass.
 
 `resolve_fields` turns user input (fields, LeRobot ``delta_timestamps``) into `PlannedField`s
-with integer frame offsets. `BatchPlanner.run` maps a batch of sample numbers to segments and
-frames, applies every window (clamp to the episode, pad mask), gathers tabular values with one
+with integer offsets (frames for LeRobot; index units, nanoseconds or steps, for recordings).
+`BatchPlanner.run` maps a batch of sample numbers to segments and positions, applies every
+window (clamp to the segment, pad mask), finds each column's rows (LeRobot: the frame's row;
+recordings: the latest row at or before the index value), gathers tabular values with one
 indexing operation per column, and collects every video frame of every camera into one call of
 the video engine, which sorts them per file and decodes each needed GOP once.
 """
@@ -16,14 +18,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from .catalog import Column, ColumnKind, Dataset
-from .errors import ConfigError
+from .align import RecordingStore
+from .catalog import Column, ColumnKind, Dataset, TimelineKind
+from .errors import ConfigError, FormatError
 from .fields import BatchIO, Decoder, Field, FieldRequest, TaskDecoder, Window, default_decoder
-from .index import SampleIndex
+from .index import NS_PER_S, Grid, SampleIndex
 from .table import ColumnStore
+from .tracing import tracing_scope
 from .video.engine import VideoEngine
 
-__all__ = ["BatchPlanner", "PlannedField", "default_fields", "resolve_fields"]
+__all__ = ["BatchPlanner", "PlannedField", "build_index", "default_fields", "resolve_fields"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -34,7 +38,12 @@ class PlannedField:
     column: Column | None
     decoder: Decoder
     offsets: np.ndarray | None
-    """int64 frame offsets, or ``None`` for the sample's own frame without a T axis."""
+    """int64 offsets (frames, or index units for recordings), or ``None`` for the sample's own
+    position without a T axis."""
+    max_staleness: int | None = None
+    """Recordings: largest age (index units) of a value that is not masked."""
+    drop_stale: bool = False
+    """Recordings: samples whose own value is stale leave the index."""
 
     @property
     def pad_key(self) -> str:
@@ -42,7 +51,12 @@ class PlannedField:
 
 
 def default_fields(dataset: Dataset) -> list[Field]:
-    """Every feature as LeRobot returns it: cameras first, then columns, then ``task``."""
+    """Every feature as LeRobot returns it: cameras first, then columns, then ``task``.
+
+    For a recording: every column, in the order the format lists them.
+    """
+    if dataset.is_recording:
+        return [Field(c.path) for c in dataset.columns.values()]
     videos = [Field(k) for k in dataset.video_keys]
     others = [Field(c.path) for c in dataset.columns.values() if c.kind is not ColumnKind.VIDEO]
     return [*videos, *others, Field("task", decode=TaskDecoder())]
@@ -53,8 +67,12 @@ def resolve_fields(
     fields: Sequence[Field] | None,
     delta_timestamps: Mapping[str, Sequence[float]] | None,
     tolerance_s: float,
+    grid: Grid | None = None,
 ) -> list[PlannedField]:
-    """Fields to `PlannedField`s; ``delta_timestamps`` adds windows to the fields it names."""
+    """Fields to `PlannedField`s; ``delta_timestamps`` adds windows to the fields it names.
+
+    ``grid`` (recordings) gives the index timeline: windows become offsets in its units.
+    """
     chosen = list(fields) if fields is not None else default_fields(dataset)
     by_key = {f.out_key: f for f in chosen}
     if len(by_key) != len(chosen):
@@ -81,9 +99,119 @@ def resolve_fields(
                 f"(columns: {list(dataset.columns)})"
             )
         decoder = f.decode if f.decode is not None else default_decoder(column)  # type: ignore[arg-type]
-        offsets = window.offsets(dataset.fps, f.out_key) if window is not None else None
-        planned.append(PlannedField(key=f.out_key, column=column, decoder=decoder, offsets=offsets))
+        if grid is None:
+            if f.max_staleness is not None:
+                raise ConfigError(
+                    f"field {f.out_key!r}: max_staleness applies to recordings, whose columns "
+                    f"have rows of their own; every column of {dataset.root} has a row per frame"
+                )
+            offsets = window.offsets(dataset.fps, f.out_key) if window is not None else None
+            planned.append(
+                PlannedField(key=f.out_key, column=column, decoder=decoder, offsets=offsets)
+            )
+            continue
+        if column is not None and column.kind is ColumnKind.VIDEO:
+            raise ConfigError(f"field {f.out_key!r}: container video in recordings is not served")
+        offsets = _grid_offsets(window, grid, f.out_key) if window is not None else None
+        stale = None
+        if f.max_staleness is not None:
+            stale = _grid_units(f.max_staleness, grid, f"field {f.out_key!r}: max_staleness")
+        planned.append(
+            PlannedField(
+                key=f.out_key,
+                column=column,
+                decoder=decoder,
+                offsets=offsets,
+                max_staleness=stale,
+                drop_stale=stale is not None and f.on_stale == "drop",
+            )
+        )
     return planned
+
+
+def build_index(
+    dataset: Dataset,
+    base: SampleIndex,
+    fields: Sequence[PlannedField],
+    grid: Grid | None,
+    window_mode: str,
+) -> SampleIndex:
+    """The sample index after window trimming (``window_mode="trim"``) and stale drops.
+
+    Trimming keeps only samples whose every window lies inside the segment; ``drop`` fields
+    remove samples whose own value is older than ``max_staleness`` (this reads those columns).
+    """
+    index = base
+    windowed = [f for f in fields if f.offsets is not None]
+    if window_mode == "trim" and windowed:
+        lo = min(int(f.offsets.min()) for f in windowed if f.offsets is not None)
+        hi = max(int(f.offsets.max()) for f in windowed if f.offsets is not None)
+        step = grid.step if grid is not None else 1
+        before = -(-max(0, -lo) // step)  # positions lost at the start (ceil)
+        if grid is not None:
+            last = (grid.end - grid.start - max(0, hi)) // step
+        else:
+            last = dataset.lengths - 1 - max(0, hi)
+        counts = np.maximum(last - before + 1, 0)
+        widest = max(windowed, key=lambda f: int(np.ptp(f.offsets)) if f.offsets is not None else 0)
+        span = _describe_span(lo, hi, grid)
+        longest = int(base.segments[np.argmax(base.lengths)]) if base.num_segments else 0
+        index = base.restricted(
+            counts,
+            np.full(dataset.num_segments, before, dtype=np.int64),
+            f"window_mode='trim' and the windows span {span} (widest: field {widest.key!r}); "
+            f"no selected segment is that long (longest: segment "
+            f"{int(dataset.segment_ids[longest]) if dataset.num_segments else '-'}, "
+            f"{_describe_span(0, int(base.lengths.max(initial=1)) * step - step, grid)})",
+        )
+    drops = [f for f in fields if f.drop_stale]
+    if drops and grid is not None:
+        store = RecordingStore(dataset, np.sort(index.segments), grid.timeline)
+        keep = np.ones(len(index), dtype=bool)
+        every = np.arange(len(index), dtype=np.int64)
+        segs, steps = index.locate(every)
+        t = grid.values(segs, steps)
+        for f in drops:
+            assert f.column is not None and f.max_staleness is not None
+            rows = store.latest_at(f.column.path, segs, t)
+            age = t - store.index_values(f.column.path)[np.maximum(rows, 0)]
+            keep &= (rows >= 0) & (age <= f.max_staleness)
+        names = ", ".join(repr(f.key) for f in drops)
+        index = index.filtered(keep, f"every sample has a stale value of {names}")
+    return index
+
+
+def _describe_span(lo: int, hi: int, grid: Grid | None) -> str:
+    if grid is not None and grid.kind is TimelineKind.TIME:
+        return f"[{lo / NS_PER_S:g} s, {hi / NS_PER_S:g} s]"
+    unit = "frames" if grid is None else "steps"
+    return f"[{lo}, {hi}] {unit}"
+
+
+def _grid_units(value: float, grid: Grid, what: str) -> int:
+    """Seconds (time timelines) or steps (sequence timelines) in index units."""
+    if grid.kind is TimelineKind.TIME:
+        return round(float(value) * NS_PER_S)
+    if float(value) != int(value):
+        raise ConfigError(f"{what}: {value!r} is not a whole number of steps of {grid.timeline!r}")
+    return int(value)
+
+
+def _grid_offsets(window: Window, grid: Grid, key: str) -> np.ndarray:
+    """A window as offsets on the index timeline.
+
+    On a time timeline ``seconds`` are exact and ``steps`` count sampling periods; on a
+    sequence timeline only ``steps`` apply.
+    """
+    if window.seconds is not None:
+        if grid.kind is not TimelineKind.TIME:
+            raise ConfigError(
+                f"field {key!r}: timeline {grid.timeline!r} counts steps; give the window "
+                "as Window(steps=...)"
+            )
+        return np.asarray([round(s * NS_PER_S) for s in window.seconds], dtype=np.int64)
+    assert window.steps is not None  # a Window has one of the two
+    return np.asarray(window.steps, dtype=np.int64) * grid.step
 
 
 class BatchPlanner:
@@ -96,13 +224,19 @@ class BatchPlanner:
         fields: Sequence[PlannedField],
         engine: VideoEngine,
         tolerance_s: float,
+        grid: Grid | None = None,
     ) -> None:
         self.dataset = dataset
         self.index = index
         self.fields = list(fields)
         self.engine = engine
         self.tolerance_s = tolerance_s
-        self.store = ColumnStore(dataset, np.sort(index.segments))
+        self.grid = grid
+        self.store: ColumnStore | RecordingStore
+        if grid is not None:
+            self.store = RecordingStore(dataset, np.sort(index.segments), grid.timeline)
+        else:
+            self.store = ColumnStore(dataset, np.sort(index.segments))
 
     def store_columns(self) -> list[str]:
         cols: list[str] = []
@@ -112,7 +246,15 @@ class BatchPlanner:
 
     def run(self, indices: Iterable[int] | np.ndarray) -> dict[str, Any]:
         """Values for a batch: tensors (B, ...) or lists of B values, then the pad masks."""
+        with tracing_scope("framefeed.plan"):
+            if self.grid is not None:
+                idx = indices if isinstance(indices, np.ndarray) else list(indices)
+                return self._run_recording(np.asarray(idx, dtype=np.int64))
+            return self._run_frames(indices)
+
+    def _run_frames(self, indices: Iterable[int] | np.ndarray) -> dict[str, Any]:
         segs, frames = self.index.locate(indices)
+        assert isinstance(self.store, ColumnStore)
         self.store.load(self.store_columns())
         lengths = self.dataset.lengths[segs][:, None]
         io = BatchIO()
@@ -142,6 +284,76 @@ class BatchPlanner:
         _fill_missing(values, pads, self.fields)
         values.update(pads)
         return values
+
+    def _run_recording(self, indices: np.ndarray) -> dict[str, Any]:
+        grid = self.grid
+        store = self.store
+        assert grid is not None and isinstance(store, RecordingStore)
+        segs, steps = self.index.locate(indices)
+        store.load(self.store_columns())
+        t0 = grid.values(segs, steps)
+        lo = grid.start[segs][:, None]
+        hi = grid.end[segs][:, None]
+        io = BatchIO()
+        values: dict[str, Any] = {}
+        pads: dict[str, torch.Tensor] = {}
+        for f in self.fields:
+            offsets = f.offsets if f.offsets is not None else np.zeros(1, dtype=np.int64)
+            t = t0[:, None] + offsets[None, :]
+            clamped = np.clip(t, lo, hi)
+            pad = (t < lo) | (t > hi)
+            rows = np.zeros_like(t)
+            if f.column is not None:
+                rows, missing = _aligned_rows(store, f, segs, clamped)
+                pad |= missing
+                if f.max_staleness is not None:
+                    age = clamped - store.index_values(f.column.path)[rows]
+                    pad |= age > f.max_staleness
+            request = FieldRequest(
+                dataset=self.dataset,
+                column=f.column,
+                key=f.key,
+                segments=segs,
+                frames=clamped,
+                rows=rows,
+                windowed=f.offsets is not None,
+                store=store,  # type: ignore[arg-type]
+                tolerance_s=self.tolerance_s,
+            )
+            values[f.key] = f.decoder.decode(request, io)
+            pads[f.pad_key] = torch.from_numpy(pad if f.offsets is not None else pad[:, 0])
+        if io.frames:
+            self.engine.decode(io.frames, tolerance_s=self.tolerance_s)
+        _fill_missing(values, pads, self.fields)
+        values.update(pads)
+        values["episode_index"] = torch.from_numpy(self.dataset.segment_ids[segs])
+        values[grid.timeline] = torch.from_numpy(t0)
+        values["index"] = torch.from_numpy(indices.copy())
+        return values
+
+
+def _aligned_rows(
+    store: RecordingStore, f: PlannedField, segs: np.ndarray, t: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Latest-at rows of ``f``'s column; rows before the first value point at the first one.
+
+    Returns the rows and a mask of the values that do not exist yet at ``t``.
+    """
+    assert f.column is not None
+    path = f.column.path
+    rows = store.latest_at(path, segs[:, None], t)
+    missing = rows < 0
+    if missing.any():
+        first, end = store.segment_rows(path, segs)
+        empty = first == end
+        if empty.any():
+            seg = int(store.dataset.segment_ids[segs[np.flatnonzero(empty)[0]]])
+            raise FormatError(
+                f"{store.dataset.root}: segment {seg} has no rows of column {path!r}; "
+                f"select segments that have it (or drop field {f.key!r})"
+            )
+        rows = np.where(missing, first[:, None], rows)
+    return rows, missing
 
 
 def _fill_missing(

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
 
 from .errors import StorageError
+from .tracing import tracing_scope
 
 if TYPE_CHECKING:
     from .rangecache import CacheConfig, RangeCache
@@ -221,6 +222,10 @@ class Storage:
         """
         if stop <= start:
             return b""
+        with tracing_scope("framefeed.read", path=rel, start=int(start), stop=int(stop)):
+            return self._read_range(rel, start, stop)
+
+    def _read_range(self, rel: str, start: int, stop: int) -> bytes:
         path = self.url(rel)
         if self.is_local:
             try:
@@ -335,7 +340,8 @@ class RangeReader:
     def read(self, start: int, stop: int) -> bytes:
         """Bytes ``start..stop`` (fewer only at the end of the file)."""
         if self._fd is not None:
-            data = os.pread(self._fd, max(0, stop - start), start)
+            with tracing_scope("framefeed.read", path=self.rel, start=int(start), stop=int(stop)):
+                data = os.pread(self._fd, max(0, stop - start), start)
         else:
             data = self.storage.read_range(self.rel, start, stop)
         self.bytes_read += len(data)

@@ -31,6 +31,7 @@ import torch.utils.data
 from ..catalog import Dataset
 from ..errors import ConfigError
 from ..fields import Field
+from ..index import IndexSpec
 from ..sampling.partition import Uneven
 from ..sampling.stream import Layer, StreamOrder
 from .serving import Serving
@@ -116,6 +117,7 @@ class IterableDataset(Serving, torch.utils.data.IterableDataset[Any]):
         image_dtype: Literal["uint8", "float32"] = "uint8",
         fields: Sequence[Field] | None = None,
         decode_threads: int | None = None,
+        index: IndexSpec | None = None,
     ) -> None:
         if episode_pool_size < 1 or fetch_size < 1 or (prefetch is not None and prefetch < 0):
             raise ConfigError("episode_pool_size and fetch_size must be >= 1, prefetch >= 0")
@@ -133,6 +135,7 @@ class IterableDataset(Serving, torch.utils.data.IterableDataset[Any]):
             image_dtype=image_dtype,
             fields=fields,
             decode_threads=decode_threads,
+            index=index,
         )
         # Remote streaming fetches each pool episode's packets in one request and keeps them
         # while the episode is in the pool (bounded): one request per episode per camera.

@@ -19,6 +19,7 @@ import torch.utils.data
 
 from ..catalog import Dataset
 from ..fields import Field
+from ..index import IndexSpec
 from .serving import Serving
 
 __all__ = ["MapDataset"]
@@ -45,6 +46,7 @@ class MapDataset(Serving, torch.utils.data.Dataset[dict[str, Any]]):
         image_dtype: Literal["uint8", "float32"] = "uint8",
         fields: Sequence[Field] | None = None,
         decode_threads: int | None = None,
+        index: IndexSpec | None = None,
     ) -> None:
         self._setup(
             source,
@@ -54,6 +56,7 @@ class MapDataset(Serving, torch.utils.data.Dataset[dict[str, Any]]):
             image_dtype=image_dtype,
             fields=fields,
             decode_threads=decode_threads,
+            index=index,
         )
 
     def __repr__(self) -> str:

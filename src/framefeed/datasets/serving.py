@@ -15,8 +15,8 @@ from ..catalog import ColumnKind, Dataset
 from ..errors import ConfigError
 from ..fields import Field
 from ..formats import open_dataset
-from ..index import SampleIndex
-from ..plan import BatchPlanner, resolve_fields
+from ..index import Grid, IndexSpec, SampleIndex
+from ..plan import BatchPlanner, build_index, resolve_fields
 from ..video.engine import VideoEngine
 
 __all__ = ["Serving"]
@@ -48,6 +48,7 @@ class Serving:
         image_dtype: str,
         fields: Sequence[Field] | None,
         decode_threads: int | None,
+        index: IndexSpec | None = None,
     ) -> None:
         if image_dtype not in ("uint8", "float32"):
             raise ConfigError(f"image_dtype must be 'uint8' or 'float32', not {image_dtype!r}")
@@ -58,8 +59,24 @@ class Serving:
         self.dataset = open_dataset(source)
         self.tolerance_s = float(tolerance_s)
         self.image_dtype = image_dtype
-        self.index = SampleIndex.from_dataset(self.dataset, episodes)
-        self.fields = resolve_fields(self.dataset, fields, delta_timestamps, self.tolerance_s)
+        spec = index if index is not None else IndexSpec()
+        self.grid: Grid | None = None
+        if self.dataset.is_recording:
+            self.grid = Grid.for_dataset(self.dataset, spec)
+            base = SampleIndex.from_dataset(self.dataset, episodes)
+            base = SampleIndex(self.grid.counts(), base.segments)
+        else:
+            if spec.timeline not in (None, "frame_index") or spec.sampling is not None:
+                raise ConfigError(
+                    f"{self.dataset.root}: a {self.dataset.format_name} dataset is indexed by "
+                    "frame_index (one row per frame); IndexSpec.timeline and sampling apply to "
+                    "recordings"
+                )
+            base = SampleIndex.from_dataset(self.dataset, episodes)
+        self.fields = resolve_fields(
+            self.dataset, fields, delta_timestamps, self.tolerance_s, self.grid
+        )
+        self.index = build_index(self.dataset, base, self.fields, self.grid, spec.window_mode)
         self._float_keys = [
             f.key
             for f in self.fields
@@ -84,7 +101,9 @@ class Serving:
                 # The cache drops inherited decoders after fork but keeps packet indexes.
                 cache=inherited.engine.cache if inherited is not None else None,
             )
-            planner = BatchPlanner(self.dataset, self.index, self.fields, engine, self.tolerance_s)
+            planner = BatchPlanner(
+                self.dataset, self.index, self.fields, engine, self.tolerance_s, self.grid
+            )
             if inherited is not None:
                 planner.store = inherited.store.for_this_process()  # plain arrays: shared pages
             self._planner = planner

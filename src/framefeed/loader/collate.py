@@ -14,9 +14,12 @@ from typing import Any
 import torch
 from torch.utils.data import default_collate
 
+from ..tracing import with_tracing
+
 __all__ = ["collate", "collate_any"]
 
 
+@with_tracing("framefeed.collate")
 def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Collate a list of sample dicts into one batch dict."""
     if not samples:

@@ -22,6 +22,7 @@ import numpy as np
 
 from ..errors import DecodeError, FramefeedError, FrameTimestampError
 from ..storage import RangeReader, Storage
+from ..tracing import in_current_context, with_tracing
 from .cache import _INHERITED, DecoderCache
 from .decoder import FrameDecoder, run_span
 from .index import VideoIndex
@@ -169,6 +170,7 @@ class VideoEngine:
 
         return self.cache.index(path, build)
 
+    @with_tracing("framefeed.decode")
     def decode(self, requests: Sequence[FrameRequest], *, tolerance_s: float) -> None:
         """Fill every request's ``out`` with its frames; raises `DecodeError` naming the file."""
         # Requests for the same file and output size are planned together, so a GOP that two
@@ -191,7 +193,8 @@ class VideoEngine:
             results = [self._run(t) for t in tasks]
         else:
             pool = self._executor()
-            futures: list[Future[set[int]]] = [pool.submit(self._run, t) for t in tasks]
+            run = in_current_context(self._run)  # read spans on pool threads nest under decode
+            futures: list[Future[set[int]]] = [pool.submit(run, t) for t in tasks]
             results = [f.result() for f in futures]
         for task, done in zip(tasks, results, strict=True):
             missing = set(task.wanted) - done
@@ -245,7 +248,8 @@ class VideoEngine:
         direct = [i for i, p in enumerate(plan) if p[3] is None]
         ranges = [(plan[i][0].path, *plan[i][2]) for i in direct] + list(missing)
         if len(ranges) > 1:
-            blobs = list(self._io_executor().map(lambda r: self.storage.read_range(*r), ranges))
+            read = in_current_context(self.storage.read_range)
+            blobs = list(self._io_executor().map(lambda r: read(*r), ranges))
         else:
             blobs = [self.storage.read_range(*r) for r in ranges]
         for i, blob in zip(direct, blobs, strict=False):

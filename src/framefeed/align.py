@@ -1,0 +1,145 @@
+"""`RecordingStore`: a recording's columns in memory, and latest-at alignment over them.
+
+Each column of a recording has its own rows. The store reads, once, the rows of the selected
+segments of every column a field needs (through the dataset's `SegmentSource`), concatenates
+them segment after segment, and remembers where each segment's rows start and end. A batch then
+aligns every column to the sample's index values with ``searchsorted`` over the column's index
+values, one call per segment of the batch, never row by row in Python: the value at ``t`` is the
+column's latest row at or before ``t``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from .catalog import Column, ColumnKind, Dataset
+from .errors import FormatError
+from .table import arrow_to_numpy
+
+__all__ = ["RecordingStore"]
+
+
+class RecordingStore:
+    """Rows of the segments at ``positions`` (sorted) on ``timeline``, per column."""
+
+    def __init__(self, dataset: Dataset, positions: np.ndarray, timeline: str) -> None:
+        if dataset.source is None:
+            raise FormatError(f"{dataset.root}: not a recording (it has no segment source)")
+        self.dataset = dataset
+        self.positions = np.asarray(positions, dtype=np.int64)
+        self.timeline = timeline
+        self._values: dict[str, Any] = {}
+        self._index: dict[str, np.ndarray] = {}
+        self._bounds: dict[str, np.ndarray] = {}  # (num_segments, 2): first row, end row
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        for key in ("_values", "_index", "_bounds"):
+            state[key] = {}
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def for_this_process(self) -> RecordingStore:
+        """This store, safe to use after ``fork`` (a fresh lock; the arrays are shared)."""
+        self._lock = threading.Lock()
+        return self
+
+    @property
+    def nbytes(self) -> int:
+        arrays = [*self._values.values(), *self._index.values()]
+        return sum(int(getattr(a, "nbytes", 0)) for a in arrays)
+
+    def load(self, paths: Iterable[str]) -> None:
+        """Read the rows of the named columns for every selected segment (one read per segment)."""
+        with self._lock:
+            todo = [p for p in dict.fromkeys(paths) if p not in self._values]
+            if not todo:
+                return
+            columns = [self.dataset.column(p) for p in todo]
+            source = self.dataset.source
+            assert source is not None  # checked in __init__
+            parts: dict[str, list[pa.Array]] = {p: [] for p in todo}
+            index: dict[str, list[np.ndarray]] = {p: [] for p in todo}
+            bounds = {p: np.zeros((self.dataset.num_segments, 2), dtype=np.int64) for p in todo}
+            rows = dict.fromkeys(todo, 0)
+            for pos in self.positions.tolist():
+                got = source.read(pos, todo, self.timeline)
+                for p in todo:
+                    where = self._where(pos, p)
+                    if p not in got:
+                        raise FormatError(f"{where}: the source returned no rows")
+                    found = got[p]
+                    if found.index.size > 1 and np.any(np.diff(found.index) < 0):
+                        raise FormatError(f"{where}: index values are not in ascending order")
+                    bounds[p][pos] = (rows[p], rows[p] + len(found.index))
+                    rows[p] += len(found.index)
+                    parts[p].append(found.values)
+                    index[p].append(np.asarray(found.index, dtype=np.int64))
+            for col in columns:
+                p = col.path
+                chunked = (
+                    pa.chunked_array(parts[p]) if parts[p] else pa.chunked_array([], pa.null())
+                )
+                self._values[p] = _convert(chunked, col)
+                self._index[p] = (
+                    np.concatenate(index[p]) if index[p] else np.zeros(0, dtype=np.int64)
+                )
+                self._bounds[p] = bounds[p]
+
+    def _where(self, position: int, path: str) -> str:
+        seg = int(self.dataset.segment_ids[position])
+        return f"{self.dataset.root}: segment {seg}, column {path!r}"
+
+    def get(self, path: str) -> Any:
+        """Values of column ``path`` over all loaded rows (numpy for numeric, else Arrow)."""
+        if path not in self._values:
+            self.load([path])
+        return self._values[path]
+
+    def index_values(self, path: str) -> np.ndarray:
+        """Index value of every loaded row of ``path``."""
+        if path not in self._index:
+            self.load([path])
+        return self._index[path]
+
+    def segment_rows(self, path: str, segments: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """First row and end row (exclusive) of ``path`` in each of ``segments``."""
+        if path not in self._bounds:
+            self.load([path])
+        b = self._bounds[path][np.asarray(segments, dtype=np.int64)]
+        return b[..., 0], b[..., 1]
+
+    def latest_at(self, path: str, segments: np.ndarray, t: np.ndarray) -> np.ndarray:
+        """Row of the latest value at or before ``t`` in the segment, or -1 where none is.
+
+        ``segments`` and ``t`` have one shape (any); so does the result.
+        """
+        values = self.index_values(path)
+        segs = np.asarray(segments, dtype=np.int64)
+        t = np.asarray(t, dtype=np.int64)
+        segs, t = np.broadcast_arrays(segs, t)
+        first, end = self.segment_rows(path, segs)
+        out = np.full(t.shape, -1, dtype=np.int64)
+        for seg in np.unique(segs).tolist():
+            sel = segs == seg
+            lo = int(first[sel].flat[0])
+            hi = int(end[sel].flat[0])
+            hit = lo + np.searchsorted(values[lo:hi], t[sel], side="right") - 1
+            out[sel] = np.where(hit >= lo, hit, -1)
+        return out
+
+
+def _convert(chunks: pa.ChunkedArray, col: Column) -> Any:
+    if col.kind is ColumnKind.NUMERIC:
+        return arrow_to_numpy(chunks, col)
+    return chunks.combine_chunks()
