@@ -31,7 +31,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_bench = sub.add_parser("bench", help="measure loading throughput, latency and memory")
     p_bench.add_argument("path", help="dataset folder or fsspec URL")
     p_bench.add_argument("--mode", choices=["map", "stream"], default="map")
+    p_bench.add_argument(
+        "--loader",
+        choices=["torch", "framefeed"],
+        default="torch",
+        help="torch DataLoader, or framefeed.Loader (map mode; prints the per-stage table)",
+    )
     p_bench.add_argument("--workers", type=int, default=0, help="DataLoader workers (default 0)")
+    p_bench.add_argument(
+        "--loader-threads", type=int, default=1, help="framefeed.Loader fetch threads (default 1)"
+    )
     p_bench.add_argument("--batch-size", type=int, default=32)
     p_bench.add_argument("--delta", choices=["none", "chunk"], default="none")
     p_bench.add_argument("--pool", type=int, default=16, help="episode pool size (stream)")
@@ -40,6 +49,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_bench.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds")
     p_bench.add_argument("--vs", choices=["naive"], default=None, help="baseline in the same run")
     p_bench.add_argument("--json", action="store_true", help="print JSON records only")
+    p_bench.add_argument(
+        "--plot",
+        metavar="OUT.png",
+        help="write throughput over time and a latency histogram (needs framefeed[plot])",
+    )
     p_demo = sub.add_parser(
         "demo", help="write a small synthetic dataset and train a toy loop on it"
     )
@@ -66,21 +80,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "bench":
             from .bench import BenchConfig, run_bench
 
-            records = run_bench(
-                BenchConfig(
-                    path=args.path,
-                    mode=args.mode,
-                    workers=args.workers,
-                    batch_size=args.batch_size,
-                    delta=args.delta,
-                    pool_size=args.pool,
-                    decode_threads=args.threads,
-                    seconds=args.seconds,
-                    warmup_s=args.warmup,
-                    vs=args.vs,
-                )
+            config = BenchConfig(
+                path=args.path,
+                mode=args.mode,
+                loader=args.loader,
+                workers=args.workers,
+                loader_threads=args.loader_threads,
+                batch_size=args.batch_size,
+                delta=args.delta,
+                pool_size=args.pool,
+                decode_threads=args.threads,
+                seconds=args.seconds,
+                warmup_s=args.warmup,
+                vs=args.vs,
+                plot=args.plot,
             )
+            try:
+                records = run_bench(config)
+            except ImportError as exc:
+                if "pip install" not in str(exc):
+                    raise
+                # an optional extra is missing; the message gives the install line
+                print(f"framefeed: error: {exc}", file=sys.stderr)
+                return 1
             _print_bench(records, as_json=args.json)
+            if args.plot:
+                print(f"framefeed: wrote {args.plot}", file=sys.stderr)
         elif args.command == "demo":
             from .demo import run_demo
 
@@ -107,8 +132,16 @@ def _print_bench(records: list[dict[str, object]], *, as_json: bool) -> None:
     for record in records:
         print(f"[{record.get('bench')}]")
         for key, value in record.items():
-            if key != "bench":
-                print(f"  {key:<26} {value}")
+            if key in ("bench", "stages"):
+                continue
+            print(f"  {key:<26} {value}")
+        stages = record.get("stages")
+        if isinstance(stages, list):
+            from .bench import format_stage_records
+
+            print("  per-stage table (measured window):")
+            for line in format_stage_records(stages).splitlines():
+                print(f"    {line}")
 
 
 if __name__ == "__main__":

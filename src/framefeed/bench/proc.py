@@ -23,8 +23,13 @@ def _children() -> dict[int, list[int]]:
     return out
 
 
-def tree_memory(root_pid: int, exclude: frozenset[int] = frozenset()) -> tuple[int, int]:
-    """Resident and proportional set size (bytes) of ``root_pid`` and its descendants."""
+def tree_memory(
+    root_pid: int, exclude: frozenset[int] = frozenset(), pids: set[int] | None = None
+) -> tuple[int, int]:
+    """Resident and proportional set size (bytes) of ``root_pid`` and its descendants.
+
+    ``pids``, when given, receives the process ids that were counted.
+    """
     children = _children()
     rss = pss = 0
     todo = [root_pid]
@@ -32,6 +37,8 @@ def tree_memory(root_pid: int, exclude: frozenset[int] = frozenset()) -> tuple[i
         pid = todo.pop()
         if pid in exclude:
             continue
+        if pids is not None:
+            pids.add(pid)
         try:
             with open(f"/proc/{pid}/smaps_rollup") as fh:
                 for line in fh:
@@ -63,11 +70,13 @@ class PeakMemory:
         self.pss = 0
         self.samples: list[tuple[float, int]] = []
         """(monotonic time, tree RSS) of every sample, to see whether memory grows."""
+        self.pids: set[int] = set()
+        """Every process of the tree seen by a sample (worker processes that came and went)."""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="framefeed-peakmem", daemon=True)
 
     def sample(self) -> None:
-        rss, pss = tree_memory(os.getpid(), self.exclude)
+        rss, pss = tree_memory(os.getpid(), self.exclude, self.pids)
         self.samples.append((time.monotonic(), rss))
         self.rss = max(self.rss, rss)
         self.pss = max(self.pss, pss)

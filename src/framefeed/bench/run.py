@@ -2,30 +2,43 @@
 
 Reports samples/s and frames/s, first-batch latency, per-batch latency percentiles (and per
 sample), peak RSS and PSS of the process tree, shuffle randomness (distinct episodes per batch /
-batch size), the fetch / index / decode split of the video engine (without workers), and how
-much CPU other processes used during the window (a busy machine shows). ``vs="naive"`` runs a
-plain per-sample PyAV loop over the same samples in the same invocation and reports the ratio.
+batch size), the fetch / index / decode split of the video engine (without workers), how much
+CPU other processes used during the window (a busy machine shows) and, with
+``loader="framefeed"``, the per-stage table of `framefeed.Loader` over the window.
+``vs="naive"`` runs a plain per-sample PyAV loop over the same samples in the same invocation
+and reports the ratio; ``plot`` writes throughput over time and a latency histogram to a PNG.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import av
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from ..catalog import Dataset
 from ..datasets import IterableDataset, MapDataset
+from ..errors import ConfigError
 from ..formats import open_dataset
-from ..loader import collate
+from ..loader import Loader, collate
+from ..sampling import ShardedShuffleSampler
+from .epochs import Epochs, stage_records, window_stats
+from .naive import NaiveLoader
+from .plot import Series, require_matplotlib, write_plot
 from .proc import PeakMemory, cpu_busy_seconds, rss_trend
 
 __all__ = ["BenchConfig", "run_bench"]
+
+TORCH_STAGES_NOTE = (
+    "per-stage table: not available with the torch DataLoader (its stages run inside "
+    "DataLoader{where}); shown instead: batch latency percentiles{engine}. Use --loader framefeed "
+    "(map mode, no workers) for the table."
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -36,8 +49,13 @@ class BenchConfig:
     """Dataset folder or URL."""
     mode: Literal["map", "stream"] = "map"
     """Map-style (shuffled sampler) or streaming (episode pool)."""
+    loader: Literal["torch", "framefeed"] = "torch"
+    """torch ``DataLoader`` (with ``workers`` processes) or `framefeed.Loader` (map mode, one
+    process, ``loader_threads`` fetch threads over ``MapDataset.get_batch``)."""
     workers: int = 0
-    """DataLoader worker processes."""
+    """DataLoader worker processes (persistent across epochs)."""
+    loader_threads: int = 1
+    """`framefeed.Loader` fetch threads (each reads whole batches)."""
     batch_size: int = 32
     delta: Literal["none", "chunk"] = "none"
     """``chunk``: cameras and state at [-1/fps, 0], action at 16 future steps."""
@@ -50,6 +68,30 @@ class BenchConfig:
     seed: int = 0
     vs: Literal["naive"] | None = None
     """Baseline to run in the same invocation."""
+    plot: str | None = None
+    """PNG to write: throughput over time and the per-sample latency histogram."""
+
+
+def _check(cfg: BenchConfig) -> None:
+    if cfg.loader not in ("torch", "framefeed"):
+        raise ConfigError(f"loader must be 'torch' or 'framefeed', got {cfg.loader!r}")
+    if cfg.loader == "framefeed" and cfg.mode != "map":
+        raise ConfigError(
+            "--loader framefeed reads MapDataset.get_batch: use --mode map (the streaming "
+            "dataset already prefetches in its own thread)"
+        )
+    if cfg.loader == "framefeed" and cfg.workers:
+        raise ConfigError(
+            f"--loader framefeed runs in one process (threads), got --workers {cfg.workers}: "
+            "use --loader-threads and --threads instead"
+        )
+    if cfg.workers < 0 or cfg.loader_threads < 1 or cfg.batch_size < 1:
+        raise ConfigError(
+            f"workers must be >= 0, loader threads and batch size >= 1; got {cfg.workers}, "
+            f"{cfg.loader_threads}, {cfg.batch_size}"
+        )
+    if cfg.plot is not None:
+        require_matplotlib()  # before the run, not after it
 
 
 def _deltas(ds: Dataset, delta: str) -> dict[str, list[float]] | None:
@@ -83,21 +125,20 @@ def _tree_cpu_seconds() -> float:
     return total + ticks / os.sysconf("SC_CLK_TCK")
 
 
-def _forever(loader: Any) -> Any:
-    """Batches of ``loader`` epoch after epoch (``set_epoch`` when the dataset has it)."""
-    epoch = 0
-    while True:
-        set_epoch = getattr(getattr(loader, "dataset", None), "set_epoch", None)
-        if set_epoch is not None:
-            set_epoch(epoch)
-        yield from loader
-        epoch += 1
+def _percentiles(values: np.ndarray, scale: float, digits: int) -> dict[str, float]:
+    return {
+        q: round(float(np.percentile(values, p)) * scale, digits)
+        for q, p in (("p50", 50), ("p95", 95), ("p99", 99))
+    }
 
 
-def _measure(batches: Any, cfg: BenchConfig, frames_per_sample: int) -> dict[str, Any]:
+def _measure(
+    loader: Any, cfg: BenchConfig, frames_per_sample: int, label: str
+) -> tuple[dict[str, Any], Series]:
+    epochs = Epochs(loader)
     with PeakMemory() as mem:
         t0 = time.perf_counter()
-        it = iter(_forever(batches))
+        it = iter(epochs)
         first = next(it)
         first_s = time.perf_counter() - t0
         del first
@@ -105,18 +146,21 @@ def _measure(batches: Any, cfg: BenchConfig, frames_per_sample: int) -> dict[str
         for _ in it:
             if time.perf_counter() >= warm_end:
                 break
+        stages_start = epochs.stage_stats()
         busy0, own0 = cpu_busy_seconds(), _tree_cpu_seconds()
         window_start = time.monotonic()
         start = last = time.perf_counter()
+        arrivals: list[float] = []
         latencies: list[float] = []
-        samples = 0
+        sizes: list[int] = []
         randomness: list[float] = []
         for batch in it:
             now = time.perf_counter()
             latencies.append(now - last)
+            arrivals.append(now - start)
             last = now
             n = len(batch["index"])
-            samples += n
+            sizes.append(n)
             episodes = np.asarray(batch["episode_index"])
             randomness.append(len(np.unique(episodes)) / n)
             if now - start >= cfg.seconds:
@@ -124,46 +168,60 @@ def _measure(batches: Any, cfg: BenchConfig, frames_per_sample: int) -> dict[str
         wall = time.perf_counter() - start
         window_stop = time.monotonic()
         external = max(0.0, (cpu_busy_seconds() - busy0) - (_tree_cpu_seconds() - own0)) / wall
+        stages_end = epochs.stage_stats()
         del it
     rss_first, rss_last = rss_trend(mem.samples, window_start, window_stop)
+    samples = int(sum(sizes))
     lat = np.asarray(latencies) if latencies else np.zeros(1)
-    per_sample = lat / cfg.batch_size
-    return {
+    per_sample = lat / np.maximum(np.asarray(sizes), 1) if sizes else lat
+    record: dict[str, Any] = {
         "samples": samples,
+        "batches": len(sizes),
+        "epochs_started": epochs.epoch + 1,
         "seconds": round(wall, 2),
         "samples_per_s": round(samples / wall, 1),
         "frames_per_s": round(samples * frames_per_sample / wall, 1),
         "first_batch_s": round(first_s, 3),
-        "batch_latency_ms": {
-            q: round(float(np.percentile(lat, p)) * 1e3, 2)
-            for q, p in (("p50", 50), ("p95", 95), ("p99", 99))
-        },
-        "sample_latency_ms": {
-            q: round(float(np.percentile(per_sample, p)) * 1e3, 3)
-            for q, p in (("p50", 50), ("p95", 95), ("p99", 99))
-        },
+        "batch_latency_ms": _percentiles(lat, 1e3, 2),
+        "sample_latency_ms": _percentiles(per_sample, 1e3, 3),
         "peak_rss_tree_mb": round(mem.rss / 2**20, 1),
         "peak_pss_tree_mb": round(mem.pss / 2**20, 1),
         "rss_tree_mb_first_quarter": round(rss_first / 2**20, 1),
         "rss_tree_mb_last_quarter": round(rss_last / 2**20, 1),
+        "processes_seen": len(mem.pids),
         "episodes_per_batch_ratio": round(float(np.mean(randomness)) if randomness else 0.0, 3),
         "external_cpu_cores": round(external, 2),
     }
+    if stages_start is not None and stages_end is not None:
+        record["stages"] = stage_records(window_stats(stages_start, stages_end))
+    series = Series(
+        label=label,
+        arrivals_s=np.asarray(arrivals, dtype=np.float64),
+        sizes=np.asarray(sizes, dtype=np.int64),
+        sample_latency_s=np.asarray(per_sample if sizes else [], dtype=np.float64),
+    )
+    return record, series
 
 
-def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
-    """Run ``cfg`` (and its baseline); one record per measured loader, then the ratio."""
-    ds = open_dataset(cfg.path)
-    deltas = _deltas(ds, cfg.delta)
-    t_cams = sum(len((deltas or {}).get(k, [0.0])) for k in ds.video_keys)
+def _make_loader(cfg: BenchConfig, served: MapDataset | IterableDataset) -> Any:
+    if cfg.loader == "framefeed":
+        if not isinstance(served, MapDataset):
+            raise ConfigError("--loader framefeed needs --mode map")
+        sampler = ShardedShuffleSampler(len(served), seed=cfg.seed)
+        return Loader(
+            served,
+            sampler=sampler,
+            batch_size=cfg.batch_size,
+            threads=cfg.loader_threads,
+        )
     kwargs: dict[str, Any] = {"num_workers": cfg.workers}
     if cfg.workers:
-        kwargs.update(multiprocessing_context="fork", persistent_workers=False)
-    served: MapDataset | IterableDataset
-    if cfg.mode == "map":
-        served = MapDataset(ds, delta_timestamps=deltas, decode_threads=cfg.decode_threads)
+        # persistent: one set of workers for the whole run, instead of new ones forking at
+        # every epoch boundary while the old ones still hold their memory
+        kwargs.update(multiprocessing_context="fork", persistent_workers=True)
+    if isinstance(served, MapDataset):
         gen = torch.Generator().manual_seed(cfg.seed)
-        loader: Any = DataLoader(
+        return DataLoader(
             served,
             batch_size=cfg.batch_size,
             shuffle=True,
@@ -171,25 +229,55 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
             collate_fn=collate,
             **kwargs,
         )
-    else:
-        served = IterableDataset(
-            ds,
-            batch_size=cfg.batch_size,
-            episode_pool_size=cfg.pool_size,
-            seed=cfg.seed,
-            delta_timestamps=deltas,
-            decode_threads=cfg.decode_threads,
-        )
-        if cfg.workers:
-            served.prepare()
-        loader = DataLoader(served, batch_size=None, **kwargs)
+    return DataLoader(served, batch_size=None, **kwargs)
+
+
+def _serve(cfg: BenchConfig, ds: Dataset) -> MapDataset | IterableDataset:
+    deltas = _deltas(ds, cfg.delta)
+    if cfg.mode == "map":
+        return MapDataset(ds, delta_timestamps=deltas, decode_threads=cfg.decode_threads)
+    served = IterableDataset(
+        ds,
+        batch_size=cfg.batch_size,
+        episode_pool_size=cfg.pool_size,
+        seed=cfg.seed,
+        delta_timestamps=deltas,
+        decode_threads=cfg.decode_threads,
+    )
+    if cfg.workers:
+        served.prepare()
+    return served
+
+
+def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
+    """Run ``cfg`` (and its baseline); one record per measured loader, then the ratio."""
+    _check(cfg)
+    ds = open_dataset(cfg.path)
+    deltas = _deltas(ds, cfg.delta)
+    t_cams = sum(len((deltas or {}).get(k, [0.0])) for k in ds.video_keys)
+    served = _serve(cfg, ds)
+    loader = _make_loader(cfg, served)
     record: dict[str, Any] = {
         "bench": "framefeed",
         "mode": cfg.mode,
+        "loader": cfg.loader,
         "workers": cfg.workers,
         "delta": cfg.delta,
     }
-    record.update(_measure(loader, cfg, t_cams))
+    if cfg.loader == "framefeed":
+        record["loader_threads"] = cfg.loader_threads
+    try:
+        measured, series = _measure(loader, cfg, t_cams, "framefeed")
+    finally:
+        if isinstance(loader, Loader):
+            loader.close()
+        del loader  # persistent DataLoader workers exit with their loader
+        gc.collect()
+    record.update(measured)
+    if "stages" not in record:
+        where = " worker processes" if cfg.workers else " the main thread"
+        engine = "" if cfg.workers else " and the video engine's fetch / index / decode split"
+        record["stages_note"] = TORCH_STAGES_NOTE.format(where=where, engine=engine)
     if cfg.workers == 0:
         stats = served.engine.stats
         record["engine"] = {
@@ -202,11 +290,18 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
         }
     served.close()
     records = [record]
+    all_series = [series]
     if cfg.vs == "naive":
         baseline: dict[str, Any] = {"bench": "naive", "mode": "map", "workers": 0}
         baseline["delta"] = cfg.delta
-        baseline.update(_measure(_NaiveLoader(ds, deltas, cfg), cfg, t_cams))
+        naive = NaiveLoader(ds, deltas, cfg.batch_size, cfg.seed)
+        try:
+            measured, naive_series = _measure(naive, cfg, t_cams, "naive")
+        finally:
+            naive.close()
+        baseline.update(measured)
         records.append(baseline)
+        all_series.append(naive_series)
         records.append(
             {
                 "bench": "ratio",
@@ -215,51 +310,11 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
                 ),
             }
         )
+    if cfg.plot is not None:
+        title = (
+            f"framefeed bench {os.path.basename(cfg.path.rstrip('/'))}: {cfg.mode}, "
+            f"{cfg.loader} loader, workers {cfg.workers}, batch {cfg.batch_size}, "
+            f"delta {cfg.delta}"
+        )
+        write_plot(cfg.plot, all_series, title)
     return records
-
-
-class _NaiveLoader:
-    """Per-sample PyAV: seek each camera to each frame and decode it, one sample at a time."""
-
-    def __init__(
-        self, ds: Dataset, deltas: dict[str, list[float]] | None, cfg: BenchConfig
-    ) -> None:
-        self.ds = ds
-        self.cfg = cfg
-        self.offsets = {
-            k: np.rint(np.asarray((deltas or {}).get(k, [0.0])) * ds.fps).astype(np.int64)
-            for k in ds.video_keys
-        }
-        self.containers: dict[str, Any] = {}
-
-    def _frame(self, path: str, t: float) -> np.ndarray:
-        container = self.containers.get(path)
-        if container is None:
-            container = self.containers[path] = av.open(self.ds.storage.url(path))
-        stream = container.streams.video[0]
-        if stream.time_base is None:
-            raise RuntimeError(f"{path}: the video stream has no time base")
-        target = round(t / float(stream.time_base))
-        container.seek(target, stream=stream, backward=True)
-        for frame in container.decode(stream):
-            if frame.pts is not None and frame.pts >= target:
-                return np.asarray(frame.to_ndarray(format="rgb24"))
-        raise RuntimeError(f"{path}: no frame at {t}")
-
-    def __iter__(self) -> Any:
-        rng = np.random.default_rng(self.cfg.seed)
-        starts = self.ds.start_rows
-        order = rng.permutation(self.ds.num_frames)
-        for b in range(0, len(order), self.cfg.batch_size):
-            episodes = []
-            for row in order[b : b + self.cfg.batch_size].tolist():
-                pos = int(np.searchsorted(starts, row, side="right") - 1)
-                frame = row - int(starts[pos])
-                length = int(self.ds.lengths[pos])
-                for key in self.ds.video_keys:
-                    for off in self.offsets[key].tolist():
-                        f = min(max(frame + off, 0), length - 1)
-                        t = float(self.ds.video_from[key][pos]) + f / self.ds.fps
-                        self._frame(str(self.ds.video_paths[key][pos]), t)
-                episodes.append(int(self.ds.segment_ids[pos]))
-            yield {"index": episodes, "episode_index": episodes}
