@@ -28,6 +28,8 @@ EXPECTED_ALL = [
     "IterableDataset",
     "Loader",
     "MapDataset",
+    "Mixture",
+    "MixturePart",
     "NumericDecoder",
     "PipelineError",
     "RetryPolicy",
@@ -52,6 +54,7 @@ EXPECTED_ALL = [
     "from_streams",
     "merge_worker_states",
     "open_dataset",
+    "open_view",
     "tracing_scope",
     "with_tracing",
 ]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .catalog import Column, ColumnKind, Dataset, Segment, Timeline, TimelineKind, VideoSpan
-from .datasets import IterableDataset, MapDataset, merge_worker_states
+from .datasets import IterableDataset, MapDataset, Mixture, MixturePart, merge_worker_states
 from .errors import (
     ConfigError,
     DecodeError,
@@ -30,6 +30,7 @@ from .sampling import EpisodeAwareSampler, SequenceSampler, ShardedShuffleSample
 from .storage import RetryPolicy
 from .streams import ColumnRows, SegmentSource, Stream, from_streams
 from .tracing import tracing_scope, with_tracing
+from .views import open_view
 
 __version__ = "0.1.0"
 
@@ -53,6 +54,8 @@ __all__ = [
     "IterableDataset",
     "Loader",
     "MapDataset",
+    "Mixture",
+    "MixturePart",
     "NumericDecoder",
     "PipelineError",
     "RetryPolicy",
@@ -77,6 +80,7 @@ __all__ = [
     "from_streams",
     "merge_worker_states",
     "open_dataset",
+    "open_view",
     "tracing_scope",
     "with_tracing",
 ]

@@ -8,7 +8,9 @@ not a million Python objects; `Dataset.segment` builds a `Segment` view on deman
 
 from __future__ import annotations
 
+import copy
 import enum
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -22,6 +24,7 @@ if TYPE_CHECKING:
 
     from .storage import Storage
     from .streams import SegmentSource
+    from .views import ViewSelection
 
 __all__ = [
     "Column",
@@ -152,6 +155,8 @@ class Dataset:
         self.info: dict[str, Any] = dict(info)
         self._table = segments
         self.source = source
+        self.selection: ViewSelection | None = None
+        """The segments (and frame ranges) a view keeps; ``None``: the whole dataset."""
         self.segment_ids = _int_column(segments, "episode_index")
         self.lengths = _int_column(segments, "length")
         names = segments.column_names
@@ -180,6 +185,10 @@ class Dataset:
             self.video_to[key] = segments.column(f"videos/{key}/to_timestamp").to_numpy()
 
     def __repr__(self) -> str:
+        if self.selection is not None:
+            from .views import describe
+
+            return describe(self)
         return (
             f"Dataset({self.storage.root!r}, format={self.format_name} {self.version}, "
             f"segments={self.num_segments}, frames={self.num_frames}, fps={self.fps:g})"
@@ -209,6 +218,73 @@ class Dataset:
     @property
     def num_frames(self) -> int:
         return int(self.lengths.sum())
+
+    @property
+    def selected_positions(self) -> np.ndarray:
+        """Positions of the segments this dataset (or view) serves, ascending."""
+        if self.selection is None:
+            return np.arange(self.num_segments, dtype=np.int64)
+        return self.selection.positions
+
+    def segments_table(self) -> pa.Table:
+        """Per-segment metadata of every segment (not only a view's): id, length, duration,
+        tasks, file locations, every per-segment column the format stores and joined columns.
+        """
+        from .views import segments_table
+
+        return segments_table(self)
+
+    def filter(self, expression: Any = None, *, sql: str | None = None) -> Dataset:
+        """A view of the segments whose metadata matches a ``pyarrow.compute`` expression
+        (``pc.field("length") > 100``) or, with DuckDB installed, an SQL condition
+        (``sql="length > 100 AND list_contains(tasks, 'pick')"``)."""
+        from .views import filter_view
+
+        return filter_view(self, expression, sql)
+
+    def select(
+        self,
+        episodes: Sequence[int] | None = None,
+        frames: Mapping[int, tuple[int, int]] | None = None,
+    ) -> Dataset:
+        """A view of the listed episode ids; ``frames`` keeps ``[start, stop)`` of some."""
+        from .views import select_view
+
+        return select_view(self, episodes, frames)
+
+    def with_metadata(self, table: pa.Table, on: str = "episode_index") -> Dataset:
+        """This dataset with the columns of ``table`` joined by segment id (``on``).
+
+        Segments that ``table`` does not list get nulls. The new columns can be filtered on.
+        """
+        import pyarrow as pa
+
+        if on not in table.column_names:
+            raise ConfigError(f"with_metadata: the table has no column {on!r} to join on")
+        ids = np.asarray(table.column(on).to_numpy(zero_copy_only=False), dtype=np.int64)
+        if np.unique(ids).size != ids.size:
+            raise ConfigError(f"with_metadata: column {on!r} repeats segment ids")
+        clash = [c for c in table.column_names if c != on and c in self._table.column_names]
+        if clash:
+            raise ConfigError(f"with_metadata: columns {clash} already exist")
+        order = np.argsort(ids)
+        where = np.searchsorted(ids, self.segment_ids, sorter=order).clip(0, max(len(ids) - 1, 0))
+        rows = order[where] if len(ids) else where
+        found = ids[rows] == self.segment_ids if len(ids) else np.zeros(len(rows), dtype=bool)
+        take = pa.array(rows, mask=~found)
+        joined = self._table
+        for name in table.column_names:
+            if name != on:
+                joined = joined.append_column(name, table.column(name).take(take))
+        out = copy.copy(self)
+        out._table = joined
+        return out
+
+    def save_view(self, name: str, folder: str | os.PathLike[str] | None = None) -> str:
+        """Save this view (or the whole dataset) under ``name``; see `framefeed.open_view`."""
+        from .views import save_view
+
+        return save_view(self, name, folder)
 
     @property
     def video_keys(self) -> list[str]:

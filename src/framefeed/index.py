@@ -165,9 +165,11 @@ class SampleIndex:
         """Index every frame of ``dataset`` or of the episodes whose ids are listed.
 
         As in LeRobot, a subset is served in dataset order, whatever the order of ``episodes``.
+        A view serves only its segments (``episodes`` must lie inside it).
         """
+        selected = dataset.selected_positions
         if episodes is None:
-            return cls(dataset.lengths)
+            return cls(dataset.lengths, selected if dataset.selection is not None else None)
         wanted = np.unique(np.fromiter((int(e) for e in episodes), dtype=np.int64))
         found = np.isin(wanted, dataset.segment_ids)
         if not found.all():
@@ -177,6 +179,12 @@ class SampleIndex:
                 f"{dataset.num_segments} episodes)"
             )
         positions = np.flatnonzero(np.isin(dataset.segment_ids, wanted))
+        outside = np.setdiff1d(positions, selected)
+        if outside.size:
+            raise ConfigError(
+                f"{dataset.root}: episodes {dataset.segment_ids[outside][:10].tolist()} are not "
+                "in this view"
+            )
         return cls(dataset.lengths, positions)
 
     def restricted(self, counts: np.ndarray, firsts: np.ndarray, what: str) -> SampleIndex:
@@ -190,6 +198,18 @@ class SampleIndex:
         if keep.size == 0:
             raise ConfigError(f"no samples left: {what}")
         return SampleIndex(np.maximum(counts, 0), keep, firsts)
+
+    def within(self, ranges: dict[int, tuple[int, int]], what: str) -> SampleIndex:
+        """Only positions ``[start, stop)`` of the segments named in ``ranges`` (by position)."""
+        if not ranges:
+            return self
+        every = np.arange(len(self), dtype=np.int64)
+        segs, positions = self.locate(every)
+        keep = np.ones(len(self), dtype=bool)
+        for seg, (start, stop) in ranges.items():
+            sel = segs == seg
+            keep[sel] = (positions[sel] >= start) & (positions[sel] < stop)
+        return self.filtered(keep, what)
 
     def filtered(self, keep: np.ndarray, what: str) -> SampleIndex:
         """This index with only the samples where ``keep`` (one bool per sample) is true.

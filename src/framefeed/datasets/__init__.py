@@ -4,5 +4,6 @@ from __future__ import annotations
 
 from .iterable import IterableDataset, merge_worker_states
 from .map import MapDataset
+from .mixture import Mixture, MixturePart
 
-__all__ = ["IterableDataset", "MapDataset", "merge_worker_states"]
+__all__ = ["IterableDataset", "MapDataset", "Mixture", "MixturePart", "merge_worker_states"]

@@ -77,6 +77,10 @@ class Serving:
             self.dataset, fields, delta_timestamps, self.tolerance_s, self.grid
         )
         self.index = build_index(self.dataset, base, self.fields, self.grid, spec.window_mode)
+        if self.dataset.selection is not None and self.dataset.selection.ranges:
+            self.index = self.index.within(
+                self.dataset.selection.ranges, "the view's frame ranges hold no sample"
+            )
         self._float_keys = [
             f.key
             for f in self.fields
@@ -85,6 +89,16 @@ class Serving:
         self._decode_threads = decode_threads
         self._planner: BatchPlanner | None = None
         self._pid = -1
+
+    def output_keys(self) -> list[str]:
+        """Keys of a sample, in order: the fields, their pad masks, then the index keys."""
+        keys = [f.key for f in self.fields]
+        if self.grid is not None:
+            keys += [f.pad_key for f in self.fields]
+            keys += ["episode_index", self.grid.timeline, "index"]
+        else:
+            keys += [f.pad_key for f in self.fields if f.offsets is not None]
+        return keys
 
     @property
     def engine(self) -> VideoEngine:

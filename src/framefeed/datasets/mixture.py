@@ -1,0 +1,168 @@
+"""`Mixture`: several map-style datasets (or views) as one training source.
+
+Each part keeps its own fields, windows, cameras and rates; ``rename`` maps a part's keys to
+the mixture's (``cam_high`` in one dataset and ``observation.images.top`` in another become
+one key). Samples are numbered part after part. A batch is split by part, each part serves its
+share with one read plan, and the values are put back in the batch's order. ``sampler()``
+draws parts with the given weights through `framefeed.WeightedSampler`, so a mixture keeps the
+loader issue's guarantees: a pure function of (seed, epoch, rank), exact resume.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.utils.data
+
+from ..errors import ConfigError
+from ..sampling.samplers import WeightedSampler
+from .map import MapDataset
+
+__all__ = ["Mixture", "MixturePart"]
+
+SOURCE_KEY = "source"
+"""Key of the part number in every sample of a mixture."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class MixturePart:
+    """One dataset of a mixture."""
+
+    dataset: MapDataset
+    """The part's map-style dataset (built on a dataset or a view)."""
+    weight: float = 1.0
+    """Relative probability of drawing from this part (`Mixture.sampler`)."""
+    rename: Mapping[str, str] = field(default_factory=dict)
+    """This part's key -> the mixture's key; pad masks follow their key."""
+
+
+class Mixture(torch.utils.data.Dataset[dict[str, Any]]):
+    """Map-style datasets served as one, with per-part weights and key remapping.
+
+    ``keys="same"`` requires every part to produce the same keys after renaming;
+    ``keys="common"`` keeps only the keys all parts share. Every sample also holds ``source``,
+    the number of its part.
+    """
+
+    def __init__(
+        self, parts: Sequence[MixturePart], *, keys: Literal["same", "common"] = "same"
+    ) -> None:
+        if not parts:
+            raise ConfigError("a Mixture needs at least one part")
+        if keys not in ("same", "common"):
+            raise ConfigError(f"keys must be 'same' or 'common', not {keys!r}")
+        self.parts = list(parts)
+        self._renames = [_full_rename(p) for p in self.parts]
+        key_sets = [
+            [r.get(k, k) for k in p.dataset.output_keys()]
+            for p, r in zip(self.parts, self._renames, strict=True)
+        ]
+        common = set(key_sets[0]).intersection(*key_sets[1:])
+        if keys == "same":
+            for i, ks in enumerate(key_sets[1:], start=1):
+                if set(ks) != set(key_sets[0]):
+                    only0 = sorted(set(key_sets[0]) - set(ks))
+                    only_i = sorted(set(ks) - set(key_sets[0]))
+                    raise ConfigError(
+                        f"mixture part {i} has keys {only_i} that part 0 lacks and lacks "
+                        f"{only0}; rename them (MixturePart(rename=...)) or use keys='common'"
+                    )
+        self.keys = [k for k in key_sets[0] if k in common]
+        if SOURCE_KEY in common:
+            raise ConfigError(f"the key {SOURCE_KEY!r} is reserved for the part number")
+        sizes = np.asarray([len(p.dataset) for p in self.parts], dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{len(p.dataset)} x {p.weight:g}" for p in self.parts)
+        return f"Mixture(parts=[{parts}], keys={self.keys})"
+
+    def groups(self) -> list[np.ndarray]:
+        """Global sample numbers of each part."""
+        return [
+            np.arange(self.offsets[i], self.offsets[i + 1], dtype=np.int64)
+            for i in range(len(self.parts))
+        ]
+
+    def sampler(
+        self,
+        num_samples: int | None = None,
+        *,
+        replacement: bool = True,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> WeightedSampler:
+        """Draws parts with their weights (``num_samples`` per epoch, default ``len(self)``)."""
+        return WeightedSampler(
+            self.groups(),
+            [p.weight for p in self.parts],
+            num_samples=len(self) if num_samples is None else num_samples,
+            replacement=replacement,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+        )
+
+    def get_batch(self, indices: Sequence[int] | np.ndarray) -> dict[str, Any]:
+        """A collated batch in the order of ``indices``, plus ``source`` (the part numbers)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(f"sample out of range for a mixture of {len(self)} samples")
+        part = np.searchsorted(self.offsets, idx, side="right") - 1
+        pieces: list[tuple[np.ndarray, dict[str, Any]]] = []
+        for p in np.unique(part).tolist():
+            where = np.flatnonzero(part == p)
+            batch = self.parts[p].dataset.get_batch(idx[where] - self.offsets[p])
+            renamed = {self._renames[p].get(k, k): v for k, v in batch.items()}
+            pieces.append((where, renamed))
+        out: dict[str, Any] = {}
+        order = np.argsort(np.concatenate([w for w, _ in pieces])) if pieces else idx
+        for key in self.keys:
+            values = [b[key] for _, b in pieces]
+            if all(isinstance(v, torch.Tensor) for v in values):
+                try:
+                    out[key] = torch.cat(values)[torch.from_numpy(order)]
+                except RuntimeError as exc:
+                    shapes = [tuple(v.shape[1:]) for v in values]
+                    raise ConfigError(
+                        f"mixture key {key!r} has shapes {shapes} in different parts; give the "
+                        "parts matching shapes (e.g. VideoFrameDecoder(size=(H, W)))"
+                    ) from exc
+            else:
+                flat = [x for v in values for x in v]
+                out[key] = [flat[i] for i in order.tolist()]
+        out[SOURCE_KEY] = torch.from_numpy(part)
+        return out
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        batch = self.get_batch(indices)
+        samples: list[dict[str, Any]] = [{} for _ in range(len(indices))]
+        for key, value in batch.items():
+            for sample, item in zip(samples, value, strict=True):
+                sample[key] = item
+        return samples
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.__getitems__([int(index)])[0]
+
+
+def _full_rename(part: MixturePart) -> dict[str, str]:
+    """The part's renames plus the matching renames of pad masks."""
+    rename = dict(part.rename)
+    known = set(part.dataset.output_keys())
+    unknown = [k for k in rename if k not in known]
+    if unknown:
+        raise ConfigError(f"rename names keys {unknown} that the part does not produce: {known}")
+    for src, dst in list(rename.items()):
+        pad = f"{src}_is_pad"
+        if pad in known and pad not in rename:
+            rename[pad] = f"{dst}_is_pad"
+    return rename
