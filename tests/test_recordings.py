@@ -5,13 +5,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
 import framefeed
 from framefeed import ConfigError, Field, FixedRateSampling, IndexSpec, Window
-from framefeed.catalog import Dataset, TimelineKind
+from framefeed.catalog import ColumnKind, Dataset, TimelineKind
 from framefeed.streams import Stream, from_streams
 
 pytestmark = pytest.mark.timeout(120)
@@ -267,3 +268,32 @@ def test_from_streams_checks_its_input() -> None:
             [{"/x": Stream(values=np.zeros(3), index={"step": np.arange(2)})}],
             timelines={"step": TimelineKind.SEQUENCE},
         )
+
+
+def test_select_picks_nested_values_before_decoding() -> None:
+    n = 40
+    times = np.arange(n, dtype=np.int64) * (NS // 20)
+    poses = pa.array(
+        [[{"x": float(i), "y": [float(-i), 1.0]}] for i in range(n)],
+        type=pa.list_(pa.struct([("x", pa.float64()), ("y", pa.list_(pa.float64()))])),
+    )
+    seg = {"/pose": Stream(values=poses, index={"log_time": times}, kind=ColumnKind.NUMERIC)}
+    ds = from_streams([seg], timelines={"log_time": TimelineKind.TIME})
+    spec = IndexSpec(timeline="log_time", sampling=FixedRateSampling(10))
+    m = framefeed.MapDataset(
+        ds,
+        index=spec,
+        fields=[
+            Field("/pose", select="[0].x", key="x"),
+            Field("/pose", select="[0].y", key="y", window=Window(seconds=(0.0, 0.1))),
+        ],
+    )
+    b = m.get_batch([0, 3])
+    assert b["x"].tolist() == [0.0, 6.0]
+    assert b["y"].shape == (2, 2, 2)
+    assert b["y"][1].tolist() == [[-6.0, 1.0], [-8.0, 1.0]]
+
+
+def test_select_is_refused_on_lerobot(plain_root: str) -> None:
+    with pytest.raises(ConfigError, match="select applies to recording"):
+        framefeed.MapDataset(plain_root, fields=[Field("action", select="[0]")])

@@ -19,9 +19,13 @@ import pyarrow as pa
 
 from .catalog import Column, ColumnKind, Dataset
 from .errors import FormatError
+from .select import apply_select
 from .table import arrow_to_numpy
 
-__all__ = ["RecordingStore"]
+__all__ = ["SELECT_SEP", "RecordingStore"]
+
+SELECT_SEP = "#"
+"""Separates a column path from a field's select expression in a derived column's path."""
 
 
 class RecordingStore:
@@ -36,7 +40,22 @@ class RecordingStore:
         self._values: dict[str, Any] = {}
         self._index: dict[str, np.ndarray] = {}
         self._bounds: dict[str, np.ndarray] = {}  # (num_segments, 2): first row, end row
+        self._columns: dict[str, Column] = {}  # columns derived by a field's select
         self._lock = threading.Lock()
+
+    def derive(self, column: Column, expr: str) -> Column:
+        """A column holding ``expr`` (`framefeed.select`) of ``column``'s values."""
+        path = f"{column.path}{SELECT_SEP}{expr}"
+        if path not in self._columns:
+            info = {**column.info, "select_base": column.path, "select": expr}
+            self._columns[path] = Column(
+                path=path, kind=column.kind, dtype=column.dtype, shape=(), info=info
+            )
+        return self._columns[path]
+
+    def column(self, path: str) -> Column:
+        """The dataset's column ``path``, or a column made by `derive`."""
+        return self._columns.get(path) or self.dataset.column(path)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -65,7 +84,11 @@ class RecordingStore:
             todo = [p for p in dict.fromkeys(paths) if p not in self._values]
             if not todo:
                 return
-            columns = [self.dataset.column(p) for p in todo]
+            columns = [self.column(p) for p in todo]
+            base = {
+                p: str(c.info.get("select_base", p)) for p, c in zip(todo, columns, strict=True)
+            }
+            wanted = list(dict.fromkeys(base.values()))
             source = self.dataset.source
             assert source is not None  # checked in __init__
             parts: dict[str, list[pa.Array]] = {p: [] for p in todo}
@@ -73,12 +96,12 @@ class RecordingStore:
             bounds = {p: np.zeros((self.dataset.num_segments, 2), dtype=np.int64) for p in todo}
             rows = dict.fromkeys(todo, 0)
             for pos in self.positions.tolist():
-                got = source.read(pos, todo, self.timeline)
+                got = source.read(pos, wanted, self.timeline)
                 for p in todo:
                     where = self._where(pos, p)
-                    if p not in got:
+                    if base[p] not in got:
                         raise FormatError(f"{where}: the source returned no rows")
-                    found = got[p]
+                    found = got[base[p]]
                     if found.index.size > 1 and np.any(np.diff(found.index) < 0):
                         raise FormatError(f"{where}: index values are not in ascending order")
                     bounds[p][pos] = (rows[p], rows[p] + len(found.index))
@@ -87,9 +110,13 @@ class RecordingStore:
                     index[p].append(np.asarray(found.index, dtype=np.int64))
             for col in columns:
                 p = col.path
-                chunked = (
-                    pa.chunked_array(parts[p]) if parts[p] else pa.chunked_array([], pa.null())
-                )
+                chunked = pa.chunked_array(parts[p], type=parts[p][0].type if parts[p] else None)
+                expr = col.info.get("select")
+                if expr is not None:
+                    selected = apply_select(chunked, str(expr))
+                    col = _with_shape(col, selected)
+                    self._columns[p] = col
+                    chunked = pa.chunked_array([selected])
                 self._values[p] = _convert(chunked, col)
                 self._index[p] = (
                     np.concatenate(index[p]) if index[p] else np.zeros(0, dtype=np.int64)
@@ -137,6 +164,31 @@ class RecordingStore:
             hit = lo + np.searchsorted(values[lo:hi], t[sel], side="right") - 1
             out[sel] = np.where(hit >= lo, hit, -1)
         return out
+
+
+def _with_shape(col: Column, values: pa.Array) -> Column:
+    """``col`` with the per-row shape of its selected numeric ``values``."""
+    if col.kind is not ColumnKind.NUMERIC:
+        return col
+    shape: list[int] = []
+    arr: pa.Array = values
+    while (
+        pa.types.is_list(arr.type)
+        or pa.types.is_large_list(arr.type)
+        or (pa.types.is_fixed_size_list(arr.type))
+    ):
+        lengths = np.asarray(arr.value_lengths().to_numpy(zero_copy_only=False))
+        if lengths.size and np.any(lengths != lengths[0]):
+            raise FormatError(
+                f"column {col.info.get('select_base')!r} select {col.info.get('select')!r}: rows "
+                f"hold {int(lengths.min())} to {int(lengths.max())} values; numeric fields need "
+                "the same number in every row"
+            )
+        shape.append(int(lengths[0]) if lengths.size else 0)
+        arr = arr.flatten()
+    return Column(
+        path=col.path, kind=col.kind, dtype=str(arr.type), shape=tuple(shape) or (1,), info=col.info
+    )
 
 
 def _convert(chunks: pa.ChunkedArray, col: Column) -> Any:

@@ -12,7 +12,7 @@ the video engine, which sorts them per file and decodes each needed GOP once.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -44,6 +44,8 @@ class PlannedField:
     """Recordings: largest age (index units) of a value that is not masked."""
     drop_stale: bool = False
     """Recordings: samples whose own value is stale leave the index."""
+    select: str | None = None
+    """Path into nested values (`framefeed.select`), applied when the column is loaded."""
 
     @property
     def pad_key(self) -> str:
@@ -100,6 +102,11 @@ def resolve_fields(
             )
         decoder = f.decode if f.decode is not None else default_decoder(column)  # type: ignore[arg-type]
         if grid is None:
+            if f.select is not None:
+                raise ConfigError(
+                    f"field {f.out_key!r}: select applies to recording columns; LeRobot columns "
+                    "are flat (read the nested value with a custom decoder)"
+                )
             if f.max_staleness is not None:
                 raise ConfigError(
                     f"field {f.out_key!r}: max_staleness applies to recordings, whose columns "
@@ -124,6 +131,7 @@ def resolve_fields(
                 offsets=offsets,
                 max_staleness=stale,
                 drop_stale=stale is not None and f.on_stale == "drop",
+                select=f.select if column is not None else None,
             )
         )
     return planned
@@ -234,7 +242,14 @@ class BatchPlanner:
         self.grid = grid
         self.store: ColumnStore | RecordingStore
         if grid is not None:
-            self.store = RecordingStore(dataset, np.sort(index.segments), grid.timeline)
+            store = RecordingStore(dataset, np.sort(index.segments), grid.timeline)
+            self.fields = [
+                replace(f, column=store.derive(f.column, f.select))
+                if f.select is not None and f.column is not None
+                else f
+                for f in self.fields
+            ]
+            self.store = store
         else:
             self.store = ColumnStore(dataset, np.sort(index.segments))
 
