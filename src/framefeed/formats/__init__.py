@@ -10,6 +10,7 @@ from ..errors import FormatError
 from ..rangecache import CacheConfig
 from ..storage import RetryPolicy, Storage
 from .lerobot import is_lerobot, open_lerobot
+from .rerun import is_rerun, open_rerun
 
 __all__ = ["open_dataset"]
 
@@ -25,13 +26,14 @@ def open_dataset(
     """Open the dataset at a local path or fsspec URL (``s3://``, ``gs://``, ``https://``, ...).
 
     Only metadata is read: no data or video file is opened. The format is detected from the
-    files present; today that is LeRobot v3 (``meta/info.json``). ``storage_options`` go to
-    fsspec (for S3: ``{"client_kwargs": {"endpoint_url": ...}, "key": ..., "secret": ...}``);
-    ``retry`` sets how remote range reads retry transient failures; ``index_dir`` is a folder
-    where ``framefeed index --out`` wrote packet-index sidecars (the dataset's own
-    ``meta/framefeed-index/`` is always looked at). ``cache`` keeps fetched byte ranges of a
-    remote dataset on local disk (bounded, shared by every process of the node), so later
-    epochs read them locally.
+    files present: LeRobot v3 (``meta/info.json``), or Rerun recordings (a ``.rrd`` file or a
+    folder of them, one segment each; needs ``pip install 'framefeed[rerun]'``).
+    ``storage_options`` go to fsspec (for S3: ``{"client_kwargs": {"endpoint_url": ...},
+    "key": ..., "secret": ...}``); ``retry`` sets how remote range reads retry transient
+    failures; ``index_dir`` is a folder where ``framefeed index --out`` wrote packet-index
+    sidecars (the dataset's own ``meta/framefeed-index/`` is always looked at). ``cache`` keeps
+    fetched byte ranges of a remote dataset on local disk (bounded, shared by every process of
+    the node), so later epochs read them locally.
     """
     if isinstance(path_or_url, Dataset):
         return path_or_url
@@ -44,9 +46,11 @@ def open_dataset(
     )
     if is_lerobot(storage):
         return open_lerobot(storage)
+    if is_rerun(storage):
+        return open_rerun(storage)
     if storage.is_local and not os.path.exists(storage.root):
         raise FormatError(f"{storage.root}: no such file or directory")
     raise FormatError(
         f"{storage.root}: not a dataset framefeed can read (looked for meta/info.json of a "
-        "LeRobot dataset)"
+        "LeRobot dataset and for Rerun .rrd files)"
     )
