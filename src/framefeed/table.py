@@ -9,10 +9,17 @@ read is checked: the rows must carry the expected episode and consecutive frame 
 Numeric columns become numpy arrays with LeRobot's output dtypes (every float as float32,
 every integer as int64, bools as bool; a ``(1,)`` feature becomes a scalar per row). Image and
 text columns stay Arrow arrays.
+
+With a `ColumnCache` (`use_cache`), each column is read by one process of the node, written to
+the cache folder and memory-mapped by every process (`framefeed.nodecache`): workers and local
+ranks share one copy, and later runs skip the parquet read.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import threading
 from collections import defaultdict
 from collections.abc import Iterable
@@ -25,6 +32,7 @@ import pyarrow.parquet as pq
 
 from .catalog import Column, ColumnKind, Dataset
 from .errors import FormatError
+from .nodecache import ColumnCache, Mapped, load_many
 
 __all__ = ["ColumnStore", "arrow_to_numpy"]
 
@@ -44,12 +52,23 @@ class ColumnStore:
         self.num_rows = int(lengths.sum())
         self._arrays: dict[str, Any] = {}
         self._lock = threading.Lock()
+        self.cache: ColumnCache | None = None
+        self._mapped: dict[str, Mapped] = {}
+        self._fingerprint: str | None = None
+        self.cache_stats = {"built": 0, "mapped": 0}
+        """Columns this process wrote to the cache, and columns it mapped that others wrote."""
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_arrays"] = {}  # reloaded on first use in the new process
+        state["_arrays"] = {}  # reloaded (or mapped again) on first use in the new process
+        state["_mapped"] = {}
+        state["cache_stats"] = {"built": 0, "mapped": 0}
         del state["_lock"]
         return state
+
+    def use_cache(self, cache: ColumnCache | None) -> None:
+        """Serve columns loaded from now on through the node-shared ``cache`` (None: memory)."""
+        self.cache = cache
 
     def for_this_process(self) -> ColumnStore:
         """This store, made safe to use after ``fork`` (a fresh lock; arrays are shared)."""
@@ -83,22 +102,60 @@ class ColumnStore:
             todo = [p for p in dict.fromkeys(paths) if p not in self._arrays]
             if not todo:
                 return
-            columns = [self.dataset.column(p) for p in todo]
-            parts: dict[str, list[Any]] = {p: [] for p in todo}
-            by_file: dict[str, list[int]] = defaultdict(list)
-            for pos in self.positions.tolist():
-                by_file[str(self.dataset.data_paths[pos])].append(pos)
-            # Files in the order of their first selected segment, so rows come out in store order.
-            for rel, members in sorted(by_file.items(), key=lambda kv: kv[1][0]):
-                table = self._read(rel, members, todo)
-                for p in todo:
-                    parts[p].append(table.column(p))
-            for col in columns:
-                chunks = pa.chunked_array(
-                    [c for part in parts[col.path] for c in part.chunks],
-                    type=parts[col.path][0].type if parts[col.path] else None,
-                )
-                self._arrays[col.path] = _convert(chunks, col, self.num_rows)
+            if self.cache is None:
+                self._arrays.update(self._read_columns(todo))
+                return
+            keys = {p: self._cache_key(p) for p in todo}
+            built: list[str] = []
+
+            def build(names: list[str]) -> dict[str, dict[str, Any]]:
+                built.extend(names)
+                return {p: {"values": a} for p, a in self._read_columns(names).items()}
+
+            for p, mapped in load_many(self.cache, keys, build).items():
+                self._mapped[p] = mapped
+                self._arrays[p] = mapped.arrays["values"]
+            self.cache_stats["built"] += len(built)
+            self.cache_stats["mapped"] += len(todo) - len(built)
+
+    def cached(self, path: str) -> Mapped | None:
+        """The cache entry that serves column ``path`` in this process, if any."""
+        return self._mapped.get(path)
+
+    def _cache_key(self, path: str) -> dict[str, Any]:
+        col = self.dataset.column(path)
+        if self._fingerprint is None:
+            self._fingerprint = fingerprint(self.dataset, self.positions)
+        return {
+            "store": "frames",
+            "dataset": self._fingerprint,
+            "column": path,
+            "kind": col.kind.value,
+            "dtype": col.dtype,
+            "shape": list(col.shape),
+            "rows": self.num_rows,
+        }
+
+    def _read_columns(self, todo: list[str]) -> dict[str, Any]:
+        """The named columns, read from the data files."""
+        out: dict[str, Any] = {}
+        columns = [self.dataset.column(p) for p in todo]
+        parts: dict[str, list[Any]] = {p: [] for p in todo}
+        by_file: dict[str, list[int]] = defaultdict(list)
+        for pos in self.positions.tolist():
+            by_file[str(self.dataset.data_paths[pos])].append(pos)
+        # Files in the order of their first selected segment, so rows come out in store order.
+        for rel, members in sorted(by_file.items(), key=lambda kv: kv[1][0]):
+            table = self._read(rel, members, todo)
+            for p in todo:
+                parts[p].append(table.column(p))
+        for col in columns:
+            chunks = pa.chunked_array(
+                [c for part in parts[col.path] for c in part.chunks],
+                type=parts[col.path][0].type if parts[col.path] else None,
+            )
+            out[col.path] = _convert(chunks, col, self.num_rows)
+        return out
 
     def _read(self, rel: str, members: list[int], names: list[str]) -> pa.Table:
         ds = self.dataset
@@ -155,6 +212,40 @@ class ColumnStore:
                 f"{where}: episode {int(episodes[bad])}: frame_index is not 0..length-1 in order "
                 f"(row {bad} has {int(frames[bad])}, expected {int(expect_frames[bad])})"
             )
+
+
+def fingerprint(dataset: Dataset, positions: np.ndarray) -> str:
+    """Identity and version of the rows of ``positions``: the root, ``info``, the selected
+    segments (ids, lengths, data files) and each data file's size and modification time (or
+    ETag, remotely). A rewritten dataset gets a new fingerprint, so stale entries are not used.
+    """
+    positions = np.asarray(positions, dtype=np.int64)
+    files = sorted({str(p) for p in dataset.data_paths[positions].tolist()})
+    digest = hashlib.sha256()
+    for part in (
+        dataset.root,
+        json.dumps(dataset.info, sort_keys=True, default=str),
+        positions.tobytes(),
+        dataset.segment_ids[positions].astype(np.int64).tobytes(),
+        dataset.lengths[positions].astype(np.int64).tobytes(),
+        json.dumps([[rel, *_file_version(dataset, rel)] for rel in files]),
+    ):
+        digest.update(part if isinstance(part, bytes) else part.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def _file_version(dataset: Dataset, rel: str) -> list[Any]:
+    storage = dataset.storage
+    try:
+        if storage.is_local:
+            st = os.stat(storage.url(rel))
+            return [st.st_size, st.st_mtime_ns]
+        info = storage.fs.info(storage.url(rel))
+    except OSError:
+        return ["unreadable"]  # reading the file reports the error, with its name
+    tags = [str(info[k]) for k in ("ETag", "etag", "LastModified", "mtime") if k in info]
+    return [int(info.get("size") or 0), *tags]
 
 
 def _convert(chunks: pa.ChunkedArray, col: Column, num_rows: int) -> Any:

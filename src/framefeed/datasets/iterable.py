@@ -32,6 +32,7 @@ from ..catalog import Dataset
 from ..errors import ConfigError
 from ..fields import Field
 from ..index import IndexSpec
+from ..nodecache import ColumnCache
 from ..sampling.partition import Uneven
 from ..sampling.stream import Layer, StreamOrder
 from .serving import Serving
@@ -96,6 +97,7 @@ class IterableDataset(Serving, torch.utils.data.IterableDataset[Any]):
     decoded ahead of ``fetch_size``); ``uneven`` ("pad", "drop" or "uneven") says how unequal
     shares are evened out across ranks and workers. With ``batch_size`` the dataset yields
     collated batches (use ``DataLoader(batch_size=None)``) instead of single samples.
+    ``column_cache`` shares the tabular columns once per node, as for `MapDataset`.
     """
 
     def __init__(
@@ -118,6 +120,7 @@ class IterableDataset(Serving, torch.utils.data.IterableDataset[Any]):
         fields: Sequence[Field] | None = None,
         decode_threads: int | None = None,
         index: IndexSpec | None = None,
+        column_cache: ColumnCache | bool | None = None,
     ) -> None:
         if episode_pool_size < 1 or fetch_size < 1 or (prefetch is not None and prefetch < 0):
             raise ConfigError("episode_pool_size and fetch_size must be >= 1, prefetch >= 0")
@@ -136,6 +139,7 @@ class IterableDataset(Serving, torch.utils.data.IterableDataset[Any]):
             fields=fields,
             decode_threads=decode_threads,
             index=index,
+            column_cache=column_cache,
         )
         # Remote streaming fetches each pool episode's packets in one request and keeps them
         # while the episode is in the pool (bounded): one request per episode per camera.

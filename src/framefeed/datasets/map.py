@@ -20,6 +20,7 @@ import torch.utils.data
 from ..catalog import Dataset
 from ..fields import Field
 from ..index import IndexSpec
+from ..nodecache import ColumnCache
 from .serving import Serving
 
 __all__ = ["MapDataset"]
@@ -33,7 +34,9 @@ class MapDataset(Serving, torch.utils.data.Dataset[dict[str, Any]]):
     ``delta_timestamps`` adds LeRobot windows (seconds, checked against ``tolerance_s``);
     ``episodes`` restricts the samples to those episode ids (served in dataset order).
     ``decode_threads`` sets how many video decoders run at once (default: the number of cores
-    in the main process and 1 inside DataLoader workers).
+    in the main process and 1 inside DataLoader workers). ``column_cache`` (a `ColumnCache`, or
+    ``True`` for the default one) keeps the tabular columns once per node in memory-mapped
+    files shared by every worker and local rank (frame datasets; recordings stay in memory).
     """
 
     def __init__(
@@ -47,6 +50,7 @@ class MapDataset(Serving, torch.utils.data.Dataset[dict[str, Any]]):
         fields: Sequence[Field] | None = None,
         decode_threads: int | None = None,
         index: IndexSpec | None = None,
+        column_cache: ColumnCache | bool | None = None,
     ) -> None:
         self._setup(
             source,
@@ -57,6 +61,7 @@ class MapDataset(Serving, torch.utils.data.Dataset[dict[str, Any]]):
             fields=fields,
             decode_threads=decode_threads,
             index=index,
+            column_cache=column_cache,
         )
 
     def __repr__(self) -> str:

@@ -16,7 +16,9 @@ from ..errors import ConfigError
 from ..fields import Field
 from ..formats import open_dataset
 from ..index import Grid, IndexSpec, SampleIndex
+from ..nodecache import ColumnCache
 from ..plan import BatchPlanner, build_index, resolve_fields
+from ..table import ColumnStore
 from ..video.engine import VideoEngine
 
 __all__ = ["Serving"]
@@ -49,7 +51,9 @@ class Serving:
         fields: Sequence[Field] | None,
         decode_threads: int | None,
         index: IndexSpec | None = None,
+        column_cache: ColumnCache | bool | None = None,
     ) -> None:
+        self.column_cache = ColumnCache.resolve(column_cache)
         if image_dtype not in ("uint8", "float32"):
             raise ConfigError(f"image_dtype must be 'uint8' or 'float32', not {image_dtype!r}")
         if tolerance_s <= 0:
@@ -120,6 +124,8 @@ class Serving:
             )
             if inherited is not None:
                 planner.store = inherited.store.for_this_process()  # plain arrays: shared pages
+            elif self.column_cache is not None and isinstance(planner.store, ColumnStore):
+                planner.store.use_cache(self.column_cache)  # mapped from the node's cache
             self._planner = planner
             self._pid = os.getpid()
         return self._planner
