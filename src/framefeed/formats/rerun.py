@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,14 +32,21 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..catalog import Column, ColumnKind, Dataset, Timeline, TimelineKind
-from ..errors import ConfigError, FormatError
+from ..errors import FormatError
 from ..storage import Storage
-from ..streams import ColumnRows, recording_dataset
+from ..streams import recording_dataset
+from .rerun_source import (
+    ColumnSpec,
+    RerunSource,
+    as_binary,
+    import_rerun,
+    index_int64,
+    is_list,
+    one_per_row,
+)
 
 __all__ = ["RerunSource", "is_rerun", "open_rerun"]
 
-PIP_LINE = "pip install 'framefeed[rerun]'"
-_ROW_ID = "rerun.controls.RowId"
 _PROPERTIES = "/__properties"
 _CODECS = {
     0x61766331: "h264",
@@ -50,14 +56,6 @@ _CODECS = {
     0x76703039: "vp9",
 }
 """Rerun's ``VideoCodec`` values (big-endian fourccs) and the PyAV decoder of each."""
-
-
-def _import_rerun() -> Any:
-    try:
-        import rerun
-    except ImportError as exc:
-        raise ImportError(f"reading Rerun recordings (.rrd) needs rerun-sdk: {PIP_LINE}") from exc
-    return rerun
 
 
 def _rrd_files(storage: Storage) -> list[str]:
@@ -74,219 +72,6 @@ def is_rerun(storage: Storage) -> bool:
     if not storage.is_local:
         return storage.root.endswith(".rrd")
     return bool(_rrd_files(storage))
-
-
-@dataclass(frozen=True)
-class _Spec:
-    """Where a column lives inside a recording, and the layout of one row."""
-
-    entity: str
-    component: str
-    kind: ColumnKind
-    instances: int = 1
-    """Values per row (Rerun "instances"); squeezed out of the shape when 1."""
-    inner: tuple[int, ...] = ()
-    """Fixed-size dimensions of one instance (``(3,)`` for a 3-D point)."""
-    leaf: str = ""
-    """numpy dtype name of a numeric column's values."""
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        if self.instances != 1:
-            return (self.instances, *self.inner)
-        return self.inner or (1,)
-
-
-class RerunSource:
-    """A `SegmentSource` over ``.rrd`` files, one recording per file, read with rerun-sdk.
-
-    Holds only file paths and column specs (it pickles into worker processes); every `read`
-    opens the file's chunk store anew (a footer read, well under a millisecond locally).
-    """
-
-    def __init__(
-        self,
-        files: Sequence[str],
-        recording_ids: Sequence[str],
-        specs: dict[str, _Spec],
-        timelines: Sequence[str],
-    ) -> None:
-        self.files = list(files)
-        self.recording_ids = list(recording_ids)
-        self.specs = dict(specs)
-        self.timelines = list(timelines)
-
-    def _where(self, position: int) -> str:
-        return f"{self.files[position]} (recording {self.recording_ids[position]!r})"
-
-    def _store(self, position: int) -> Any:
-        rr = _import_rerun()
-        reader = rr.chunk.RrdReader(self.files[position])
-        entries = [e for e in reader.recordings() if e.recording_id == self.recording_ids[position]]
-        if not entries:
-            raise FormatError(f"{self._where(position)}: the recording is no longer in the file")
-        return reader.store(store=entries[0])
-
-    def read(self, position: int, paths: Sequence[str], timeline: str) -> dict[str, ColumnRows]:
-        """Rows of each column in ``paths`` of the recording at ``position`` on ``timeline``."""
-        if not 0 <= position < len(self.files):
-            raise IndexError(f"segment position {position} out of range [0, {len(self.files)})")
-        unknown = [p for p in paths if p not in self.specs]
-        if unknown:
-            raise ConfigError(
-                f"{self.files[position]}: no column {unknown[0]!r}; columns are: "
-                + ", ".join(self.specs)
-            )
-        if timeline not in self.timelines:
-            raise ConfigError(
-                f"{self.files[position]}: no timeline {timeline!r}; timelines are: "
-                + ", ".join(self.timelines)
-            )
-        specs = {p: self.specs[p] for p in dict.fromkeys(paths)}
-        parts = _read_chunks(self._store(position), specs, timeline, self._where(position))
-        return {
-            p: _finish(parts[p], spec, f"{self._where(position)}, column {p!r}")
-            for p, spec in specs.items()
-        }
-
-
-@dataclass
-class _Parts:
-    index: list[np.ndarray] = field(default_factory=list)
-    row_ids: list[np.ndarray] = field(default_factory=list)
-    values: list[pa.Array] = field(default_factory=list)
-
-
-def _read_chunks(
-    store: Any, specs: dict[str, _Spec], timeline: str, where: str
-) -> dict[str, _Parts]:
-    """Non-null rows of each column, chunk by chunk, with their index values and row ids."""
-    entities = sorted({s.entity for s in specs.values()})
-    components = sorted({s.component for s in specs.values()})
-    by_key = {(s.entity, s.component): p for p, s in specs.items()}
-    parts = {p: _Parts() for p in specs}
-    stream = store.stream().filter(content=entities, components=components, is_static=False)
-    for chunk in stream:
-        batch = chunk.to_record_batch()
-        names = batch.schema.names
-        for component in components:
-            path = by_key.get((chunk.entity_path, component))
-            if path is None or component not in names:
-                continue
-            values = batch.column(component)
-            if values.null_count == len(values):
-                continue
-            if timeline not in names:
-                raise FormatError(
-                    f"{where}, column {path!r}: rows logged without timeline "
-                    f"{timeline!r}; pick a timeline every row is logged on"
-                )
-            index = batch.column(timeline)
-            keep = pc.and_(pc.is_valid(values), pc.is_valid(index))
-            kept = values.filter(keep)
-            parts[path].values.append(kept)
-            parts[path].index.append(_int64(index.filter(keep)))
-            parts[path].row_ids.append(_row_ids(batch.column(_ROW_ID).filter(keep)))
-    return parts
-
-
-def _int64(index: pa.Array) -> np.ndarray:
-    """Index values as int64 (timestamps and durations in nanoseconds)."""
-    if pa.types.is_timestamp(index.type) or pa.types.is_duration(index.type):
-        if index.type.unit != "ns":
-            index = index.cast(
-                pa.timestamp("ns") if pa.types.is_timestamp(index.type) else pa.duration("ns")
-            )
-        index = index.view(pa.int64())
-    return np.asarray(index.to_numpy(zero_copy_only=False), dtype=np.int64)
-
-
-def _row_ids(ids: pa.Array) -> np.ndarray:
-    """Rerun row ids (16-byte TUIDs, ordered as big-endian bytes) as ``(n, 2)`` uint64."""
-    raw = ids.storage if isinstance(ids, pa.ExtensionArray) else ids
-    buf = np.frombuffer(raw.buffers()[1], dtype=np.uint8)
-    data = buf[raw.offset * 16 : (raw.offset + len(raw)) * 16]
-    return data.view(">u8").reshape(-1, 2).astype(np.uint64)
-
-
-def _finish(parts: _Parts, spec: _Spec, where: str) -> ColumnRows:
-    if not parts.values:
-        return ColumnRows(index=np.zeros(0, dtype=np.int64), values=_empty(spec))
-    index = np.concatenate(parts.index)
-    ids = np.concatenate(parts.row_ids)
-    values = pa.concat_arrays(parts.values)
-    order = np.lexsort((ids[:, 1], ids[:, 0], index))
-    if not np.array_equal(order, np.arange(len(order))):
-        index = index[order]
-        values = values.take(pa.array(order))
-    return ColumnRows(index=np.ascontiguousarray(index), values=_convert(values, spec, where))
-
-
-def _empty(spec: _Spec) -> pa.Array:
-    if spec.kind in (ColumnKind.IMAGE, ColumnKind.PACKETS):
-        return pa.array([], pa.binary())
-    if spec.kind is ColumnKind.TEXT:
-        return pa.array([], pa.string())
-    typ: pa.DataType = pa.from_numpy_dtype(np.dtype(spec.leaf))
-    for d in reversed(spec.shape if spec.shape != (1,) else ()):
-        typ = pa.list_(typ, d)
-    return pa.array([], typ)
-
-
-def _one_per_row(values: pa.Array, where: str) -> pa.Array:
-    """The single instance of each row of a Rerun component (a list array) as a flat array."""
-    counts = pc.list_value_length(values).to_numpy(zero_copy_only=False)
-    if len(counts) and (counts.min() != 1 or counts.max() != 1):
-        bad = int(np.flatnonzero(counts != 1)[0])
-        raise FormatError(
-            f"{where}: row {bad} holds {int(counts[bad])} values; framefeed reads "
-            "components with one value per row"
-        )
-    return values.flatten()
-
-
-def _convert(values: pa.Array, spec: _Spec, where: str) -> pa.Array:
-    if spec.kind in (ColumnKind.IMAGE, ColumnKind.PACKETS):
-        return _as_binary(_one_per_row(values, where))
-    if spec.kind is ColumnKind.TEXT:
-        return _one_per_row(values, where).cast(pa.string())
-    return _numeric(values, spec, where)
-
-
-def _as_binary(blobs: pa.Array) -> pa.Array:
-    """``list<uint8>`` blobs as a ``binary`` array, sharing the bytes (no copy)."""
-    if pa.types.is_binary(blobs.type) or pa.types.is_large_binary(blobs.type):
-        return blobs
-    child = blobs.values
-    offsets = blobs.offsets.to_numpy(zero_copy_only=False).astype(np.int64) + child.offset
-    large = offsets[-1] >= 2**31 if len(offsets) else False
-    typ = pa.large_binary() if large else pa.binary()
-    off = offsets.astype(np.int64 if large else np.int32)
-    return pa.Array.from_buffers(typ, len(blobs), [None, pa.py_buffer(off), child.buffers()[1]])
-
-
-def _numeric(values: pa.Array, spec: _Spec, where: str) -> pa.Array:
-    """A numeric component as a flat array (shape ``(1,)``) or nested fixed-size lists."""
-    counts = pc.list_value_length(values).to_numpy(zero_copy_only=False)
-    if len(counts) and (counts.min() != spec.instances or counts.max() != spec.instances):
-        bad = int(np.flatnonzero(counts != spec.instances)[0])
-        raise FormatError(
-            f"{where}: row {bad} holds {int(counts[bad])} values where the column "
-            f"has {spec.instances} per row (shape {list(spec.shape)})"
-        )
-    flat = values
-    while _is_list(flat.type):
-        flat = flat.flatten()
-    if spec.shape == (1,):
-        return flat
-    out = flat
-    for d in reversed(spec.shape):
-        out = pa.FixedSizeListArray.from_arrays(out, d)
-    return out
-
-
-def _is_list(t: pa.DataType) -> bool:
-    return bool(pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t))
 
 
 # --- opening: footers, column kinds, probes -------------------------------------------------
@@ -365,8 +150,8 @@ def _extent(store: Any, footer: _Footer) -> dict[tuple[str, str], tuple[int, int
             start, end, count = (table.column(k).filter(pa.array(rows)) for k in keys)
             n = int(pc.sum(count).as_py() or 0)
             if n:
-                first = _int64(start.drop_null().combine_chunks())
-                last = _int64(end.drop_null().combine_chunks())
+                first = index_int64(start.drop_null().combine_chunks())
+                last = index_int64(end.drop_null().combine_chunks())
                 out[(name, tl)] = (int(first.min()), int(last.max()), n)
     return out
 
@@ -388,7 +173,7 @@ def _scan_extent(store: Any, footer: _Footer) -> dict[tuple[str, str], tuple[int
             for tl in footer.timelines:
                 if tl not in batch.schema.names:
                     continue
-                idx = _int64(batch.column(tl).filter(valid))
+                idx = index_int64(batch.column(tl).filter(valid))
                 if idx.size:
                     lo, hi, n = acc.get((name, tl), [int(idx.min()), int(idx.max()), 0])
                     acc[(name, tl)] = [
@@ -407,7 +192,7 @@ def _classify(f: pa.Field) -> ColumnKind | None:
     if _meta(f, "rerun:component") == "EncodedImage:blob":
         return ColumnKind.IMAGE
     t = f.type
-    if not _is_list(t):
+    if not is_list(t):
         return None
     t = t.value_type
     if pa.types.is_string(t) or pa.types.is_large_string(t):
@@ -434,10 +219,10 @@ def _first_rows(store: Any, entity: str, component: str, *, static: bool | None)
 
 def _probe(
     store: Any, name: str, f: pa.Field, kind: ColumnKind, names: set[str]
-) -> tuple[_Spec, tuple[int, ...], dict[str, Any], str]:
+) -> tuple[ColumnSpec, tuple[int, ...], dict[str, Any], str]:
     """Spec, row shape, info and dtype of a column, from its first chunk in ``store``."""
     entity, component = _meta(f, "rerun:entity_path"), _meta(f, "rerun:component")
-    spec = _Spec(entity=entity, component=component, kind=kind)
+    spec = ColumnSpec(entity=entity, component=component, kind=kind)
     rows = _first_rows(store, entity, component, static=False)
     info: dict[str, Any] = {"rerun.component_type": _meta(f, "rerun:component_type")}
     if kind is ColumnKind.NUMERIC:
@@ -448,7 +233,7 @@ def _probe(
             t = t.value_type
         counts = pc.list_value_length(rows).to_numpy(zero_copy_only=False) if len(rows) else [1]
         leaf = "bool" if pa.types.is_boolean(t) else t.to_pandas_dtype().__name__
-        spec = _Spec(
+        spec = ColumnSpec(
             entity=entity,
             component=component,
             kind=kind,
@@ -459,14 +244,14 @@ def _probe(
         return spec, spec.shape, info, spec.leaf
     if kind is ColumnKind.TEXT:
         return spec, (), info, "string"
-    blobs = _as_binary(_one_per_row(rows, name)) if len(rows) else pa.array([], pa.binary())
+    blobs = as_binary(one_per_row(rows, name)) if len(rows) else pa.array([], pa.binary())
     first = blobs[0].as_py() if len(blobs) else b""
     if kind is ColumnKind.IMAGE:
-        media = _first_rows(store, entity, entity_sibling(component, "media_type"), static=None)
+        media = _first_rows(store, entity, _sibling(component, "media_type"), static=None)
         media_type = media.flatten()[0].as_py() if len(media) else _sniff(first)
         info["media_type"] = media_type
         return spec, _image_shape(first) or (), info, "uint8"
-    codecs = _first_rows(store, entity, entity_sibling(component, "codec"), static=None)
+    codecs = _first_rows(store, entity, _sibling(component, "codec"), static=None)
     fourcc = int(codecs.flatten()[0].as_py()) if len(codecs) else -1
     if fourcc not in _CODECS:
         raise FormatError(
@@ -474,13 +259,13 @@ def _probe(
             f"{sorted(_CODECS.values())} (log VideoStream:codec with the samples)"
         )
     info["codec"] = _CODECS[fourcc]
-    keyframes = f"{entity}:{entity_sibling(component, 'is_keyframe')}"
+    keyframes = f"{entity}:{_sibling(component, 'is_keyframe')}"
     if keyframes in names:
         info["keyframe_column"] = keyframes
     return spec, _frame_shape(info["codec"], blobs), info, "uint8"
 
 
-def entity_sibling(component: str, field_name: str) -> str:
+def _sibling(component: str, field_name: str) -> str:
     """``VideoStream:sample`` -> ``VideoStream:codec``: a component of the same archetype."""
     archetype = component.rsplit(":", 1)[0]
     return f"{archetype}:{field_name}"
@@ -547,7 +332,7 @@ def open_rerun(storage: Storage) -> Dataset:
     files = _rrd_files(storage)
     if not files:
         raise FormatError(f"{storage.root}: no .rrd files")
-    rr = _import_rerun()
+    rr = import_rerun()
     footers = [_footer(rr, path) for path in files]
     where = {fo.path: fo for fo in footers}
     common = [tl for tl in footers[0].timelines if all(tl in fo.timelines for fo in footers)]
@@ -557,7 +342,7 @@ def open_rerun(storage: Storage) -> Dataset:
     for fo in footers:
         for name, f in fo.fields.items():
             names.setdefault(name, f)
-    specs: dict[str, _Spec] = {}
+    specs: dict[str, ColumnSpec] = {}
     columns: list[Column] = []
     skipped: list[str] = []
     for name, f in names.items():
