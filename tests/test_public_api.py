@@ -31,6 +31,7 @@ EXPECTED_ALL = [
     "Mixture",
     "MixturePart",
     "NumericDecoder",
+    "PacketVideoDecoder",
     "PipelineError",
     "RetryPolicy",
     "SampleIndex",
@@ -117,5 +118,6 @@ def test_decoders_satisfy_the_protocol() -> None:
         framefeed.TextDecoder,
         framefeed.TaskDecoder,
         framefeed.VideoFrameDecoder,
+        framefeed.PacketVideoDecoder,
     ):
         assert isinstance(cls(), framefeed.Decoder), cls

@@ -25,6 +25,7 @@ from .fields import (
 from .formats import open_dataset
 from .index import FixedRateSampling, IndexSpec, SampleIndex
 from .loader import Loader, PipelineError, StageStats, collate
+from .packet_field import PacketVideoDecoder
 from .rangecache import CacheConfig
 from .sampling import EpisodeAwareSampler, SequenceSampler, ShardedShuffleSampler, WeightedSampler
 from .storage import RetryPolicy
@@ -57,6 +58,7 @@ __all__ = [
     "Mixture",
     "MixturePart",
     "NumericDecoder",
+    "PacketVideoDecoder",
     "PipelineError",
     "RetryPolicy",
     "SampleIndex",
