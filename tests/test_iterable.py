@@ -345,3 +345,43 @@ def test_two_ranks_times_two_workers_cover_the_epoch_once(stream_root: Path) -> 
         )
         seen.extend(int(i) for batch in loader for i in batch["index"])
     assert sorted(seen) == list(range(IterableDataset(stream_root).dataset.num_frames))
+
+
+class _Info:
+    def __init__(self, worker: int, workers: int) -> None:
+        self.id = worker
+        self.num_workers = workers
+
+
+def test_other_workers_wait_for_the_first_batch(
+    stream_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Workers > 0 start an epoch after worker 0's first chunk, or after a bounded wait."""
+    import time
+
+    from framefeed.datasets import iterable
+
+    monkeypatch.setattr(iterable, "FIRST_BATCH_WAIT_S", 0.3)
+    ds = IterableDataset(stream_root, seed=0)
+    ds.set_epoch(2)
+    t0 = time.monotonic()
+    ds._wait_for_first(_Info(1, 2))  # worker 0 has not delivered: the wait runs out
+    waited = time.monotonic() - t0
+    assert waited >= 0.29
+    monkeypatch.setattr(iterable, "FIRST_BATCH_WAIT_S", 20.0)
+    t0 = time.monotonic()
+    ds._wait_for_first(_Info(0, 2))  # worker 0 itself never waits
+    ds._wait_for_first(None)  # nor does a process without workers
+    assert time.monotonic() - t0 < 10
+    done = threading.Timer(0.05, lambda: setattr(ds._first_done, "value", 2))
+    done.start()
+    t0 = time.monotonic()
+    ds._wait_for_first(_Info(1, 2))
+    assert time.monotonic() - t0 < 10  # released when worker 0's first chunk is out
+    done.join()
+    # Worker 0 marks the epoch once its first chunk is decoded, inside a real iteration.
+    ds.set_epoch(3)
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: _Info(0, 2))
+    it = iter(ds)
+    next(it)
+    assert ds._first_done.value == 3

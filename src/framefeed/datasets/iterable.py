@@ -21,6 +21,7 @@ import multiprocessing
 import os
 import queue
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal
 
@@ -41,6 +42,8 @@ __all__ = ["IterableDataset", "merge_worker_states", "resolve_rank"]
 
 _STATE_VERSION = 1
 SEGMENT_CACHE_BYTES = 512 << 20
+FIRST_BATCH_WAIT_S = 3.0
+"""Longest time workers other than worker 0 wait for its first batch of an epoch."""
 """Bytes of whole-episode video kept per consumer when streaming from a remote store."""
 
 
@@ -159,6 +162,8 @@ class IterableDataset(Serving, torch.utils.data.IterableDataset[Any]):
         self.batch_size = batch_size
         self.prefetch = prefetch
         self._shared_epoch = multiprocessing.Value("q", 0, lock=False)
+        # The epoch whose first chunk worker 0 has decoded (see `_wait_for_first`).
+        self._first_done = multiprocessing.Value("q", -1, lock=False)
         self._layers: list[Layer] = []
         self._layers_epoch = 0
         self._yielded = 0
@@ -253,9 +258,28 @@ class IterableDataset(Serving, torch.utils.data.IterableDataset[Any]):
         layers = self._current_layers()
         return sum(len(order.worker_order(layers, w, num_workers)) for w in range(num_workers))
 
+    def _wait_for_first(self, info: Any) -> None:
+        """Let worker 0 decode the epoch's first batch alone (bounded wait).
+
+        A DataLoader hands out worker 0's batch first. When every worker starts decoding at
+        once they share the cores and the first batch takes as long as all of them together;
+        the other workers start when it is done (or after `FIRST_BATCH_WAIT_S`).
+        """
+        if info is None or info.id == 0 or info.num_workers < 2:
+            return
+        deadline = time.monotonic() + FIRST_BATCH_WAIT_S
+        while self._first_done.value < self.epoch and time.monotonic() < deadline:
+            time.sleep(0.005)
+
     def __iter__(self) -> Iterator[Any]:
         order = self._order()
         start = self._yielded
+        info = torch.utils.data.get_worker_info()
+        lead = info is not None and info.id == 0
+        if start == 0:
+            self._wait_for_first(info)
+        if lead and len(order) == start:
+            self._first_done.value = self.epoch
         # The first chunk is one batch (or a few samples), so the first batch does not wait
         # for a whole fetch; later chunks are fetch_size samples.
         first = min(self.fetch_size, self.batch_size or 8)
@@ -269,6 +293,8 @@ class IterableDataset(Serving, torch.utils.data.IterableDataset[Any]):
         fetched = _Prefetcher(self._fetch, chunks, depth)
         try:
             for values, size in fetched:
+                if lead and self._first_done.value < self.epoch:
+                    self._first_done.value = self.epoch
                 if self.batch_size is not None:
                     for b in range(0, size, self.batch_size):
                         stop = min(b + self.batch_size, size)
