@@ -16,6 +16,7 @@ from ..errors import ConfigError
 from ..fields import Field
 from ..formats import open_dataset
 from ..index import Grid, IndexSpec, SampleIndex
+from ..memory import tune_worker_malloc
 from ..nodecache import ColumnCache
 from ..plan import BatchPlanner, build_index, resolve_fields
 from ..table import ColumnStore
@@ -111,6 +112,8 @@ class Serving:
 
     def _plan(self) -> BatchPlanner:
         if self._planner is None or self._pid != os.getpid():
+            if torch.utils.data.get_worker_info() is not None:
+                tune_worker_malloc()  # freed frame buffers go back to the kernel
             inherited = self._planner  # from the parent, through fork
             engine = VideoEngine(
                 self.dataset.storage,
