@@ -22,7 +22,7 @@ import json
 import os
 import threading
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -37,6 +37,7 @@ from .nodecache import ColumnCache, Mapped, load_many
 __all__ = ["ColumnStore", "arrow_to_numpy"]
 
 _CHECK = ("episode_index", "frame_index")
+_BATCH_ROWS = 1 << 16  # rows per piece when a file is filtered rather than read by row group
 
 
 class ColumnStore:
@@ -137,27 +138,58 @@ class ColumnStore:
         }
 
     def _read_columns(self, todo: list[str]) -> dict[str, Any]:
-        """The named columns, read from the data files."""
-        out: dict[str, Any] = {}
+        """The named columns, read from the data files one row group (or batch) at a time.
+
+        Numeric values are converted piece by piece into arrays of the final size, so loading
+        holds the result plus one piece, not a second copy of the whole column.
+        """
         columns = [self.dataset.column(p) for p in todo]
-        parts: dict[str, list[Any]] = {p: [] for p in todo}
+        numeric: dict[str, np.ndarray] = {}
+        parts: dict[str, list[pa.Array]] = {p: [] for p in todo}
         by_file: dict[str, list[int]] = defaultdict(list)
         for pos in self.positions.tolist():
             by_file[str(self.dataset.data_paths[pos])].append(pos)
+        row = 0
         # Files in the order of their first selected segment, so rows come out in store order.
         for rel, members in sorted(by_file.items(), key=lambda kv: kv[1][0]):
-            table = self._read(rel, members, todo)
-            for p in todo:
-                parts[p].append(table.column(p))
+            where = self.dataset.storage.url(rel)
+            expected = int(self.dataset.lengths[members].sum())
+            checks: list[pa.Table] = []
+            in_file = 0
+            for piece in self._read(rel, members, todo):
+                n = piece.num_rows
+                checks.append(piece.select(list(_CHECK)))
+                in_file += n
+                if in_file > expected:
+                    self._check(pa.concat_tables(checks), members, where)  # says what is wrong
+                for col in columns:
+                    if col.kind is not ColumnKind.NUMERIC:
+                        parts[col.path].extend(piece.column(col.path).chunks)
+                        continue
+                    values = arrow_to_numpy(piece.column(col.path), col)
+                    if col.path not in numeric:
+                        shape = (self.num_rows, *values.shape[1:])
+                        numeric[col.path] = np.empty(shape, dtype=values.dtype)
+                    numeric[col.path][row : row + n] = values
+                row += n
+            self._check(pa.concat_tables(checks) if checks else None, members, where)
+        out: dict[str, Any] = {}
         for col in columns:
-            chunks = pa.chunked_array(
-                [c for part in parts[col.path] for c in part.chunks],
-                type=parts[col.path][0].type if parts[col.path] else None,
-            )
-            out[col.path] = _convert(chunks, col, self.num_rows)
+            if col.kind is ColumnKind.NUMERIC:
+                out[col.path] = numeric.get(col.path)
+                if out[col.path] is None:  # no rows at all
+                    out[col.path] = arrow_to_numpy(pa.array([], pa.float32()), col)
+            else:
+                chunks = parts[col.path]
+                out[col.path] = (
+                    (pa.concat_arrays(chunks) if len(chunks) != 1 else chunks[0])
+                    if chunks
+                    else pa.array([])
+                )
         return out
 
-    def _read(self, rel: str, members: list[int], names: list[str]) -> pa.Table:
+    def _read(self, rel: str, members: list[int], names: list[str]) -> Iterator[pa.Table]:
+        """The rows of ``members`` in ``rel``, as consecutive pieces."""
         ds = self.dataset
         where = ds.storage.url(rel)
         try:
@@ -171,13 +203,13 @@ class ColumnStore:
                         f"in this data file (columns: {have})"
                     )
                 wanted = list(dict.fromkeys([*names, *_CHECK]))
-                table = self._read_rows(pf, members, wanted)
+                yield from self._read_rows(pf, members, wanted)
         except (pa.ArrowException, OSError) as exc:
             raise FormatError(f"{where}: unreadable parquet ({exc})") from exc
-        self._check(table, members, where)
-        return table
 
-    def _read_rows(self, pf: pq.ParquetFile, members: list[int], wanted: list[str]) -> pa.Table:
+    def _read_rows(
+        self, pf: pq.ParquetFile, members: list[int], wanted: list[str]
+    ) -> Iterator[pa.Table]:
         """Rows of ``members``: by row group when the file has one per episode, else filtered."""
         ds = self.dataset
         meta = pf.metadata
@@ -186,14 +218,21 @@ class ColumnStore:
         in_file = np.flatnonzero(ds.data_paths == rel)
         if groups == ds.lengths[in_file].tolist():
             slot = {int(p): i for i, p in enumerate(in_file.tolist())}
-            return pf.read_row_groups([slot[p] for p in members], columns=wanted)
-        table = pf.read(columns=wanted)
+            for p in members:
+                yield pf.read_row_group(slot[p], columns=wanted)
+            return
         ids = pa.array(ds.segment_ids[members])
-        return table.filter(pc.is_in(table.column("episode_index"), value_set=ids))
+        for batch in pf.iter_batches(batch_size=_BATCH_ROWS, columns=wanted):
+            table = pa.Table.from_batches([batch])
+            kept = table.filter(pc.is_in(table.column("episode_index"), value_set=ids))
+            if kept.num_rows:
+                yield kept
 
-    def _check(self, table: pa.Table, members: list[int], where: str) -> None:
+    def _check(self, table: pa.Table | None, members: list[int], where: str) -> None:
         ds = self.dataset
         lengths = ds.lengths[members]
+        if table is None:
+            table = pa.table({n: pa.array([], pa.int64()) for n in _CHECK})
         episodes = np.asarray(table.column("episode_index").to_numpy(), dtype=np.int64)
         frames = np.asarray(table.column("frame_index").to_numpy(), dtype=np.int64)
         expect_ep = np.repeat(ds.segment_ids[members], lengths)
@@ -246,15 +285,6 @@ def _file_version(dataset: Dataset, rel: str) -> list[Any]:
         return ["unreadable"]  # reading the file reports the error, with its name
     tags = [str(info[k]) for k in ("ETag", "etag", "LastModified", "mtime") if k in info]
     return [int(info.get("size") or 0), *tags]
-
-
-def _convert(chunks: pa.ChunkedArray, col: Column, num_rows: int) -> Any:
-    if col.kind is not ColumnKind.NUMERIC:
-        return chunks.combine_chunks() if chunks.num_chunks != 1 else chunks.chunk(0)
-    arr = arrow_to_numpy(chunks, col)
-    if arr.shape[0] != num_rows:
-        raise FormatError(f"column {col.path!r}: expected {num_rows} rows, got {arr.shape[0]}")
-    return arr
 
 
 def _out_dtype(dtype: np.dtype[Any]) -> np.dtype[Any]:
