@@ -6,6 +6,7 @@ import fcntl
 import multiprocessing
 import os
 import pickle
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -19,7 +20,7 @@ from conftest import IMAGE, copy_dataset, data_files
 
 import framefeed
 from framefeed import ConfigError, MapDataset
-from framefeed.nodecache import ColumnCache, default_directory, entry_name, load_many
+from framefeed.nodecache import ColumnCache, _locked, default_directory, entry_name, load_many
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -302,3 +303,40 @@ def test_changed_data_files_get_new_entries(plain_root: Path, tmp_path: Path) ->
     with MapDataset(root, fields=fields, episodes=[0, 1], column_cache=cache) as ds:
         _all(ds)  # another selection of segments: another entry
     assert len(cache.entries()) == 3
+
+
+def _try_lock_after(path: str, released: Any, conn: Any) -> None:
+    released.wait(30)
+    fh = open(path, "a+b")  # noqa: SIM115
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        conn.send("locked")
+    except BlockingIOError:
+        conn.send("still held")
+    finally:
+        fh.close()
+
+
+def test_a_child_forked_during_a_build_does_not_keep_the_lock(tmp_path: Path) -> None:
+    """A build lock held by another thread at fork time is released when the parent releases."""
+    ctx = multiprocessing.get_context("fork")
+    name = entry_name({**KEY, "format": 1})
+    lock_path = tmp_path / name.replace(".ffc", ".lock")
+    holding, release, released = threading.Event(), threading.Event(), ctx.Event()
+
+    def build_in_thread() -> None:
+        with _locked(str(tmp_path), [name]):
+            holding.set()
+            release.wait(30)
+        released.set()
+
+    thread = threading.Thread(target=build_in_thread)
+    thread.start()
+    assert holding.wait(30)
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_try_lock_after, args=(str(lock_path), released, child))
+    proc.start()  # forked while the lock is held
+    release.set()
+    thread.join()
+    proc.join(30)
+    assert parent.recv() == "locked"

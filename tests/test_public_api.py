@@ -11,6 +11,7 @@ pytestmark = pytest.mark.timeout(30)
 EXPECTED_ALL = [
     "CacheConfig",
     "Column",
+    "ColumnCache",
     "ColumnKind",
     "ColumnRows",
     "ConfigError",
@@ -52,6 +53,7 @@ EXPECTED_ALL = [
     "Window",
     "__version__",
     "collate",
+    "distributed",
     "from_streams",
     "merge_worker_states",
     "open_dataset",

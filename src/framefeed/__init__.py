@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from . import distributed
 from .catalog import Column, ColumnKind, Dataset, Segment, Timeline, TimelineKind, VideoSpan
 from .datasets import IterableDataset, MapDataset, Mixture, MixturePart, merge_worker_states
 from .errors import (
@@ -25,6 +26,7 @@ from .fields import (
 from .formats import open_dataset
 from .index import FixedRateSampling, IndexSpec, SampleIndex
 from .loader import Loader, PipelineError, StageStats, collate
+from .nodecache import ColumnCache
 from .packet_field import PacketVideoDecoder
 from .rangecache import CacheConfig
 from .sampling import EpisodeAwareSampler, SequenceSampler, ShardedShuffleSampler, WeightedSampler
@@ -38,6 +40,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CacheConfig",
     "Column",
+    "ColumnCache",
     "ColumnKind",
     "ColumnRows",
     "ConfigError",
@@ -79,6 +82,7 @@ __all__ = [
     "Window",
     "__version__",
     "collate",
+    "distributed",
     "from_streams",
     "merge_worker_states",
     "open_dataset",

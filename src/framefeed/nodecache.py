@@ -436,18 +436,47 @@ def _unlink(path: str) -> None:
 # -- locks and eviction --------------------------------------------------------------------------
 
 
+# Descriptors holding an exclusive lock. A child forked while one is held (a build in another
+# thread) must not keep the lock alive after the parent releases it, so the child points them
+# at /dev/null right after the fork. This set is the module's only state, and exists for fork.
+_EXCLUSIVE: set[int] = set()
+
+
+def _after_fork_in_child() -> None:
+    if not _EXCLUSIVE:
+        return
+    null = os.open(os.devnull, os.O_RDONLY)
+    try:
+        for fd in list(_EXCLUSIVE):
+            with suppress(OSError):
+                os.dup2(null, fd)  # drops the child's reference to the locked file
+    finally:
+        os.close(null)
+    _EXCLUSIVE.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _release(fh: Any) -> None:
+    _EXCLUSIVE.discard(fh.fileno())
+    fh.close()
+
+
 def _lock_file(path: str, how: int) -> Any:
-    """``path`` opened (created if missing) under ``flock(how)``, still the file at ``path``."""
+    """``path`` opened (created if missing) under ``flock(how)``, still the file at ``path``;
+    release it with `_release`."""
     for _ in range(_OPEN_TRIES):
-        fh = open(path, "a+b")  # noqa: SIM115 - closed by the caller
+        fh = open(path, "a+b")  # noqa: SIM115 - released by the caller
+        _EXCLUSIVE.add(fh.fileno())
         try:
             fcntl.flock(fh.fileno(), how)
         except BaseException:
-            fh.close()
+            _release(fh)
             raise
         if _same_file(fh.fileno(), path):
             return fh
-        fh.close()  # an evictor removed it after our open: take the new one
+        _release(fh)  # an evictor removed it after our open: take the new one
     raise StorageError(f"column cache: {path} keeps being replaced; is another program using it?")
 
 
@@ -463,7 +492,7 @@ def _locked(directory: str, names: list[str]) -> Iterator[None]:
         yield
     finally:
         for fh in held:
-            fh.close()
+            _release(fh)
 
 
 def _scan(directory: str) -> list[tuple[str, int, float]]:
@@ -505,7 +534,7 @@ def _evict(directory: str, max_bytes: int, keep: frozenset[str]) -> int:
             if rest.startswith("tmp-") or rest == "lock":
                 _remove_entry(directory, stem, data=False)
     finally:
-        guard.close()
+        _release(guard)
     return freed
 
 
@@ -538,4 +567,4 @@ def _remove_entry(directory: str, stem: str, *, data: bool = True) -> bool:
         _unlink(lock_path)
         return True
     finally:
-        lock.close()
+        _release(lock)

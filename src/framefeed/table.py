@@ -74,6 +74,7 @@ class ColumnStore:
     def for_this_process(self) -> ColumnStore:
         """This store, made safe to use after ``fork`` (a fresh lock; arrays are shared)."""
         self._lock = threading.Lock()
+        self.cache_stats = {"built": 0, "mapped": 0}  # the parent's work, not this process's
         return self
 
     def __setstate__(self, state: dict[str, Any]) -> None:
