@@ -297,3 +297,16 @@ def test_select_picks_nested_values_before_decoding() -> None:
 def test_select_is_refused_on_lerobot(plain_root: str) -> None:
     with pytest.raises(ConfigError, match="select applies to recording"):
         framefeed.MapDataset(plain_root, fields=[Field("action", select="[0]")])
+
+
+def test_rows_whose_selection_is_empty_are_not_values() -> None:
+    """``[0]`` of an empty instance list is no value: latest-at keeps the previous row."""
+    times = np.arange(6, dtype=np.int64) * (NS // 10)
+    data = pa.array([[1.0], [], [3.0], None, [], [6.0]], type=pa.list_(pa.float64()))
+    seg = {"/g": Stream(values=data, index={"log_time": times}, kind=ColumnKind.NUMERIC)}
+    ds = from_streams([seg], timelines={"log_time": TimelineKind.TIME})
+    spec = IndexSpec(timeline="log_time", sampling=FixedRateSampling(10))
+    m = framefeed.MapDataset(ds, index=spec, fields=[Field("/g", select="[0]")])
+    b = m.get_batch(np.arange(len(m)))
+    assert b["/g"].tolist() == [1.0, 1.0, 3.0, 3.0, 3.0, 6.0]
+    assert not b["/g_is_pad"].any()

@@ -111,16 +111,23 @@ class RecordingStore:
             for col in columns:
                 p = col.path
                 chunked = pa.chunked_array(parts[p], type=parts[p][0].type if parts[p] else None)
+                values_index = np.concatenate(index[p]) if index[p] else np.zeros(0, dtype=np.int64)
                 expr = col.info.get("select")
                 if expr is not None:
                     selected = apply_select(chunked, str(expr))
+                    if selected.null_count:
+                        # A row whose selection is empty is a row where the value was not
+                        # logged: drop it, so latest-at finds the previous real value.
+                        keep = np.asarray(selected.is_valid().to_numpy(zero_copy_only=False))
+                        selected = selected.filter(pa.array(keep))
+                        values_index = values_index[keep]
+                        kept = np.concatenate([[0], np.cumsum(keep)])
+                        bounds[p] = kept[bounds[p]]
                     col = _with_shape(col, selected)
                     self._columns[p] = col
                     chunked = pa.chunked_array([selected])
                 self._values[p] = _convert(chunked, col)
-                self._index[p] = (
-                    np.concatenate(index[p]) if index[p] else np.zeros(0, dtype=np.int64)
-                )
+                self._index[p] = values_index
                 self._bounds[p] = bounds[p]
 
     def _where(self, position: int, path: str) -> str:
