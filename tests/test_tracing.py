@@ -26,6 +26,7 @@ from framefeed.tracing import reset_tracing, tracing_enabled
 pytestmark = pytest.mark.timeout(60)
 
 TOP = "observation.images.top"
+IMAGE = "observation.images.front"
 
 
 @pytest.fixture(autouse=True)
@@ -87,6 +88,9 @@ def test_span_tree_of_one_batch(plain_root: Path, exporter: InMemorySpanExporter
 
     decodes = [s for s in spans if s.name == "framefeed.decode"]
     assert decodes, names
+    # the PNG image column decodes in a span of its own, named by its column
+    images = [s for s in decodes if (s.attributes or {}).get("column") == IMAGE]
+    assert len(images) == 1 and (images[0].attributes or {})["images"] == 4
     for s in decodes:
         assert "train.step" in _ancestors(s, by_id)
         assert "framefeed.collate" not in _ancestors(s, by_id)

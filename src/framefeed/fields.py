@@ -15,17 +15,18 @@ fills before the batch is handed out, so all cameras of a batch decode together.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
-import av
 import numpy as np
 import torch
-from av.video.codeccontext import VideoCodecContext
 
 from .catalog import Column, ColumnKind, Dataset
-from .errors import ConfigError, DecodeError
+from .errors import ConfigError
+from .image import ImageBackend, decode_images, image_blobs
+from .tracing import tracing_scope
 from .video.engine import FrameRequest
 
 if TYPE_CHECKING:
@@ -232,7 +233,20 @@ def _describer(ds: Dataset, key: str, segs: np.ndarray, frames: np.ndarray) -> A
 
 
 class ImageDecoder:
-    """Encoded images (PNG/JPEG bytes, one per row) as uint8 (B, [T,] 3, H, W)."""
+    """Encoded images (PNG/JPEG bytes, one per row) as uint8 (B, [T,] 3, H, W).
+
+    A batch's images decode in parallel on ``threads`` threads (default: every core up to 8
+    in the main process, 1 in a DataLoader worker), JPEG through simplejpeg when installed
+    (see `framefeed.image`; ``backend`` picks the library).
+    """
+
+    def __init__(
+        self, *, threads: int | None = None, backend: ImageBackend = ImageBackend.AUTO
+    ) -> None:
+        if threads is not None and threads < 1:
+            raise ConfigError(f"ImageDecoder threads must be at least 1, got {threads!r}")
+        self.threads = threads
+        self.backend = backend
 
     def columns(self, request_column: Column | None) -> Sequence[str]:
         return [request_column.path] if request_column is not None else []
@@ -240,41 +254,27 @@ class ImageDecoder:
     def decode(self, request: FieldRequest, io: BatchIO) -> torch.Tensor:
         col = request.column
         assert col is not None
-        arr = request.store.get(col.path)
         b, t = request.rows.shape
         height, width = col.shape[0], col.shape[1]
         out = torch.empty((b, t, 3, height, width), dtype=torch.uint8)
-        flat = out.numpy().reshape(b * t, 3, height, width)
-        for slot, row in enumerate(request.rows.reshape(-1).tolist()):
-            flat[slot] = decode_image(_image_bytes(arr, row), f"{col.path} row {row}")
+        rows = request.rows.reshape(-1)
+        threads = self.threads
+        if threads is None:
+            threads = 1 if torch.utils.data.get_worker_info() is not None else _cores()
+        with tracing_scope("framefeed.decode", column=col.path, images=len(rows)):
+            blobs = image_blobs(request.store.get(col.path), rows)
+            decode_images(
+                blobs,
+                out.numpy().reshape(b * t, 3, height, width),
+                describe=lambda i: f"{col.path} row {int(rows[i])}",
+                threads=threads,
+                backend=self.backend,
+            )
         return out if request.windowed else out[:, 0]
 
 
-def _image_bytes(arr: Any, row: int) -> bytes:
-    value = arr[row]
-    if hasattr(value, "get") or isinstance(value, dict):
-        value = value.get("bytes") if isinstance(value, dict) else value["bytes"]
-    raw = value.as_py() if hasattr(value, "as_py") else value
-    if not isinstance(raw, bytes | bytearray):
-        raise DecodeError(f"image value is {type(raw).__name__}, expected encoded bytes")
-    return bytes(raw)
-
-
-def decode_image(data: bytes, what: str) -> np.ndarray:
-    """Decode PNG or JPEG bytes to uint8 CHW RGB with FFmpeg."""
-    codec = "png" if data[:8] == b"\x89PNG\r\n\x1a\n" else "mjpeg"
-    try:
-        ctx = av.CodecContext.create(codec, "r")
-        if not isinstance(ctx, VideoCodecContext):
-            raise DecodeError(f"{what}: {codec} is not an image codec")
-        frames = ctx.decode(av.Packet(data))
-        frames += ctx.decode(None)
-    except av.FFmpegError as exc:
-        raise DecodeError(f"{what}: cannot decode the {codec} image ({exc})") from exc
-    if not frames:
-        raise DecodeError(f"{what}: the {codec} image holds no picture")
-    rgb = frames[0].to_ndarray(format="rgb24")
-    return np.ascontiguousarray(rgb.transpose(2, 0, 1))
+def _cores() -> int:
+    return max(1, min(os.cpu_count() or 1, 8))
 
 
 def default_decoder(column: Column) -> Decoder:
@@ -285,6 +285,10 @@ def default_decoder(column: Column) -> Decoder:
         return ImageDecoder()
     if column.kind is ColumnKind.NUMERIC:
         return NumericDecoder()
+    if column.kind is ColumnKind.PACKETS:
+        from .packet_field import PacketVideoDecoder  # it builds on this module's protocol
+
+        return PacketVideoDecoder()
     return TextDecoder()
 
 
