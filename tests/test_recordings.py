@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -310,3 +311,15 @@ def test_rows_whose_selection_is_empty_are_not_values() -> None:
     b = m.get_batch(np.arange(len(m)))
     assert b["/g"].tolist() == [1.0, 1.0, 3.0, 3.0, 3.0, 6.0]
     assert not b["/g_is_pad"].any()
+
+
+def test_segment_table_of_a_recording_has_timestamps() -> None:
+    ds = _recording()
+    table = ds.segments_table()
+    assert table.schema.field("log_time/start").type == pa.timestamp("ns")
+    assert table.schema.field("step/start").type == pa.int64()
+    start = ds.ranges["log_time"][0]
+    assert table.column("log_time/start").cast(pa.int64()).to_pylist() == start.tolist()
+    late = np.datetime64(int(start[1]), "ns")
+    view = ds.filter(pc.field("log_time/start") >= pa.scalar(late, pa.timestamp("ns")))
+    assert view.segment_ids[view.selected_positions].tolist() == [11, 12]

@@ -56,6 +56,15 @@ def segments_table(dataset: Dataset) -> pa.Table:
     table = dataset._table
     keep = [c for c in table.column_names if not c.startswith("_")]
     out = table.select(keep)
+    from .catalog import TimelineKind
+
+    for t in dataset.timelines:  # time ranges as timestamps, so filters can compare dates
+        for end in ("start", "end"):
+            name = f"{t.name}/{end}"
+            if t.kind is TimelineKind.TIME and name in out.column_names:
+                where = out.column_names.index(name)
+                stamps = out.column(name).cast(pa.timestamp("ns"))
+                out = out.set_column(where, name, stamps)
     if "duration_s" not in out.column_names:
         out = out.append_column("duration_s", pa.array(_durations(dataset)))
     for key in dataset.video_keys:
