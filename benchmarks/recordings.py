@@ -11,7 +11,8 @@ Records (one JSON line each, warm-up excluded):
 - ``gop_shuffled`` / ``gop_pool4``: the H.264 camera alone, a batch served by one plan (each GOP
   decoded once up to its last target) against the same samples served one by one (each decoded
   from its keyframe), with the ratio; batches drawn uniformly from the whole dataset, or in the
-  order the streaming dataset serves them with a pool of 4 episodes (more targets share a GOP).
+  order the streaming dataset serves them with a pool of 4 episodes, or all 32 from one 5-second
+  stretch of one recording (``gop_dense150``: many targets share a GOP).
 
 Run: ``flock /tmp/ffbench.lock python benchmarks/recordings.py``
 """
@@ -108,6 +109,15 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     records.append(_gop(video, "gop_shuffled", shuffled, args.gop_batches, ds.num_segments))
     stream_batches = [pooled[i * BATCH : (i + 1) * BATCH] for i in range(args.gop_batches + 1)]
     records.append(_gop(video, "gop_pool4", stream_batches, args.gop_batches, ds.num_segments))
+    # Dense: each batch's 32 targets lie in one 5-second stretch (150 frames, 5 GOPs) of one
+    # recording, as with a sequence sampler or a clip-based curriculum.
+    offsets = video.index.offsets
+    dense = []
+    for _ in range(args.gop_batches + 1):
+        seg = int(rng.integers(0, len(offsets) - 1))
+        first = int(rng.integers(offsets[seg], offsets[seg + 1] - 150))
+        dense.append(first + rng.choice(150, BATCH, replace=False))
+    records.append(_gop(video, "gop_dense150", dense, args.gop_batches, ds.num_segments))
     video.close()
     return records
 
