@@ -64,6 +64,11 @@ class StreamOrder:
 
     def consumer_orders(self, num_workers: int) -> list[np.ndarray]:
         """Fresh-epoch order of every worker of this rank (global sample numbers)."""
+        mine, targets = self._split(num_workers)
+        return [self._draw(mine, targets, w, num_workers) for w in range(num_workers)]
+
+    def _split(self, num_workers: int) -> tuple[list[np.ndarray], list[int]]:
+        """Episodes of each worker of this rank, and every consumer's evened-out count."""
         lengths = np.diff(self.offsets)
         episodes = np.arange(len(lengths))
         if self.shuffle:
@@ -79,15 +84,16 @@ class StreamOrder:
                 counts.append(int(lengths[eps].sum()))
                 if r == self.rank:
                     mine.append(eps)
-        targets = equalize(counts, self.uneven)
-        orders = []
-        for w, eps in enumerate(mine):
-            groups = [np.arange(self.offsets[e], self.offsets[e + 1]) for e in eps.tolist()]
-            rng = self._rng(self.rank, self.world_size, w, num_workers)
-            order = pool_order(groups, self.pool_size, rng, shuffle=self.shuffle)
-            target = targets[self.rank * num_workers + w]
-            orders.append(_fit(order, target))
-        return orders
+        return mine, equalize(counts, self.uneven)
+
+    def _draw(
+        self, mine: list[np.ndarray], targets: list[int], w: int, num_workers: int
+    ) -> np.ndarray:
+        """Worker ``w``'s frames, drawn through its episode pool and fitted to its target."""
+        groups = [np.arange(self.offsets[e], self.offsets[e + 1]) for e in mine[w].tolist()]
+        rng = self._rng(self.rank, self.world_size, w, num_workers)
+        order = pool_order(groups, self.pool_size, rng, shuffle=self.shuffle)
+        return _fit(order, targets[self.rank * num_workers + w])
 
     def remaining(self, layers: Sequence[Layer]) -> np.ndarray:
         """Samples of this rank not yet yielded after ``layers`` (in order)."""
@@ -109,8 +115,9 @@ class StreamOrder:
         """What worker ``worker`` of ``num_workers`` yields, given the resume layers."""
         if not 0 <= worker < num_workers:
             raise ConfigError(f"worker {worker} is not in [0, {num_workers})")
-        if not layers:
-            return self.consumer_orders(num_workers)[worker]
+        if not layers:  # only this worker's draw: each worker holds its own share, not all
+            mine, targets = self._split(num_workers)
+            return self._draw(mine, targets, worker, num_workers)
         return even_slices(self.remaining(layers), num_workers)[worker]
 
 
