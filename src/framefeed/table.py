@@ -67,9 +67,13 @@ class ColumnStore:
         del state["_lock"]
         return state
 
-    def use_cache(self, cache: ColumnCache | None) -> None:
-        """Serve columns loaded from now on through the node-shared ``cache`` (None: memory)."""
+    def use_cache(self, cache: ColumnCache | None, fingerprint: str | None = None) -> None:
+        """Serve columns loaded from now on through the node-shared ``cache`` (None: memory).
+
+        ``fingerprint`` is this selection's `fingerprint`, when the caller has it already.
+        """
         self.cache = cache
+        self._fingerprint = fingerprint
 
     def for_this_process(self) -> ColumnStore:
         """This store, made safe to use after ``fork`` (a fresh lock; arrays are shared)."""

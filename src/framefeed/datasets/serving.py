@@ -19,7 +19,7 @@ from ..index import Grid, IndexSpec, SampleIndex
 from ..memory import tune_worker_malloc
 from ..nodecache import ColumnCache
 from ..plan import BatchPlanner, build_index, resolve_fields
-from ..table import ColumnStore
+from ..table import ColumnStore, fingerprint
 from ..video.engine import VideoEngine
 
 __all__ = ["Serving"]
@@ -92,6 +92,10 @@ class Serving:
             if f.column is not None and f.column.kind in (ColumnKind.VIDEO, ColumnKind.IMAGE)
         ]
         self._decode_threads = decode_threads
+        self._cache_key: str | None = None
+        if self.column_cache is not None and not self.dataset.is_recording:
+            # Once, here: workers and unpickled copies get it without statting every file.
+            self._cache_key = fingerprint(self.dataset, np.sort(self.index.segments))
         self._planner: BatchPlanner | None = None
         self._pid = -1
 
@@ -128,7 +132,8 @@ class Serving:
             if inherited is not None:
                 planner.store = inherited.store.for_this_process()  # plain arrays: shared pages
             elif self.column_cache is not None and isinstance(planner.store, ColumnStore):
-                planner.store.use_cache(self.column_cache)  # mapped from the node's cache
+                # Mapped from the node's cache; the key was computed once, at construction.
+                planner.store.use_cache(self.column_cache, self._cache_key)
             self._planner = planner
             self._pid = os.getpid()
         return self._planner
