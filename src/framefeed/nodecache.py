@@ -205,6 +205,7 @@ def load_many(
     names = {n: entry_name(k) for n, k in keys.items()}
     out: dict[str, Mapped] = {}
     built: dict[str, Mapping[str, Array]] = {}
+    building = False  # an OSError while building is the source's (StorageError), not ours
     try:
         os.makedirs(directory, exist_ok=True)
         for n in keys:
@@ -229,12 +230,14 @@ def load_many(
                 else:
                     todo.append(n)
             if todo:
-                built.update(_build(build, todo))
+                building = True
+                built.update(build(todo))
+                building = False
                 for n in todo:
                     out[n] = _write(directory, names[n], keys[n], built[n])
-    except _SourceFailed as exc:
-        raise exc.__cause__ from None  # type: ignore[misc]
     except OSError as exc:
+        if building:
+            raise
         warnings.warn(
             f"column cache {directory}: not usable ({exc}); these columns stay in this "
             "process's memory",
@@ -248,19 +251,6 @@ def load_many(
     with suppress(OSError):
         _evict(directory, cache.max_bytes, keep=frozenset(names.values()))
     return out
-
-
-class _SourceFailed(Exception):
-    """``build`` failed: its error is the cause, re-raised as is (not a cache problem)."""
-
-
-def _build(
-    build: Callable[[list[str]], Mapping[str, Mapping[str, Array]]], names: list[str]
-) -> Mapping[str, Mapping[str, Array]]:
-    try:
-        return build(names)
-    except Exception as exc:
-        raise _SourceFailed() from exc
 
 
 def _keyed(key: Mapping[str, Any]) -> dict[str, Any]:
