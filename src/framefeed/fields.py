@@ -15,8 +15,8 @@ fills before the batch is handed out, so all cameras of a batch decode together.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
@@ -112,9 +112,14 @@ class FieldRequest:
 
 @dataclass(eq=False)
 class BatchIO:
-    """Shared I/O of one batch: video frame requests decoded together at the end."""
+    """Shared I/O of one batch: video frame requests decoded together at the end, and the
+    dataset's decode threads for decoders that work in parallel."""
 
     frames: list[FrameRequest] = field(default_factory=list)
+    executor: Executor | None = None
+    """The dataset's decode threads (``None``: decode in the calling thread)."""
+    threads: int = 1
+    """How many decodes may run at once (the size of ``executor``)."""
 
 
 @runtime_checkable
@@ -235,8 +240,8 @@ def _describer(ds: Dataset, key: str, segs: np.ndarray, frames: np.ndarray) -> A
 class ImageDecoder:
     """Encoded images (PNG/JPEG bytes, one per row) as uint8 (B, [T,] 3, H, W).
 
-    A batch's images decode in parallel on ``threads`` threads (default: every core up to 8
-    in the main process, 1 in a DataLoader worker), JPEG through simplejpeg when installed
+    A batch's images decode in parallel on ``threads`` of the dataset's decode threads
+    (default: all of them, ``decode_threads``), JPEG through simplejpeg when installed
     (see `framefeed.image`; ``backend`` picks the library).
     """
 
@@ -258,9 +263,7 @@ class ImageDecoder:
         height, width = col.shape[0], col.shape[1]
         out = torch.empty((b, t, 3, height, width), dtype=torch.uint8)
         rows = request.rows.reshape(-1)
-        threads = self.threads
-        if threads is None:
-            threads = 1 if torch.utils.data.get_worker_info() is not None else _cores()
+        threads = self.threads if self.threads is not None else io.threads
         with tracing_scope("framefeed.decode", column=col.path, images=len(rows)):
             blobs = image_blobs(request.store.get(col.path), rows)
             decode_images(
@@ -269,12 +272,9 @@ class ImageDecoder:
                 describe=lambda i: f"{col.path} row {int(rows[i])}",
                 threads=threads,
                 backend=self.backend,
+                pool=io.executor,
             )
         return out if request.windowed else out[:, 0]
-
-
-def _cores() -> int:
-    return max(1, min(os.cpu_count() or 1, 8))
 
 
 def default_decoder(column: Column) -> Decoder:

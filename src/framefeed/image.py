@@ -24,7 +24,7 @@ import itertools
 import os
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import Any
 
 import av
@@ -234,11 +234,13 @@ def decode_images(
     describe: Callable[[int], str],
     threads: int = 1,
     backend: ImageBackend = ImageBackend.AUTO,
+    pool: Executor | None = None,
 ) -> None:
     """Decode ``blobs[i]`` into ``out[i]`` (uint8, shape (N, 3, H, W)) on up to ``threads``.
 
-    The calling thread decodes one share itself; the others run on the process's pool, so
-    at most ``threads`` images of this call decode at once. ``describe(i)`` names image ``i``
+    The calling thread decodes one share itself; the others run on ``pool`` (a dataset's
+    decode threads) or else on the process's pool, so at most ``threads`` images of this call
+    decode at once. ``describe(i)`` names image ``i``
     in errors; a ``None`` blob is a `DecodeError` (a missing image).
     """
     n = len(blobs)
@@ -260,8 +262,8 @@ def decode_images(
     if parts == 1:
         run(shares[0])
         return
-    pool = _POOL.get()
-    futures: list[Future[None]] = [pool.submit(run, share) for share in shares[1:]]
+    executor = pool if pool is not None else _POOL.get()
+    futures: list[Future[None]] = [executor.submit(run, share) for share in shares[1:]]
     try:
         run(shares[0])
     finally:

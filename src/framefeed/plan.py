@@ -272,7 +272,7 @@ class BatchPlanner:
         assert isinstance(self.store, ColumnStore)
         self.store.load(self.store_columns())
         lengths = self.dataset.lengths[segs][:, None]
-        io = BatchIO()
+        io = BatchIO(executor=self.engine.executor(), threads=self.engine.threads)
         values: dict[str, Any] = {}
         pads: dict[str, torch.Tensor] = {}
         for f in self.fields:
@@ -309,7 +309,7 @@ class BatchPlanner:
         t0 = grid.values(segs, steps)
         lo = grid.start[segs][:, None]
         hi = grid.end[segs][:, None]
-        io = BatchIO()
+        io = BatchIO(executor=self.engine.executor(), threads=self.engine.threads)
         values: dict[str, Any] = {}
         pads: dict[str, torch.Tensor] = {}
         for f in self.fields:

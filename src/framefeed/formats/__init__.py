@@ -6,11 +6,12 @@ import os
 from typing import Any
 
 from ..catalog import Dataset
-from ..errors import FormatError
+from ..errors import ConfigError, FormatError
 from ..rangecache import CacheConfig
 from ..storage import RetryPolicy, Storage
 from .lerobot import is_lerobot, open_lerobot
 from .rerun import is_rerun, open_rerun
+from .rerun_catalog import is_catalog_url, open_rerun_catalog
 
 __all__ = ["open_dataset"]
 
@@ -27,7 +28,9 @@ def open_dataset(
 
     Only metadata is read: no data or video file is opened. The format is detected from the
     files present: LeRobot v3 (``meta/info.json``), or Rerun recordings (a ``.rrd`` file or a
-    folder of them, one segment each; needs ``pip install 'framefeed[rerun]'``).
+    folder of them, one segment each; needs ``pip install 'framefeed[rerun]'``). A Rerun catalog
+    server URL, ``rerun+http://host:port/<dataset name>``, opens that dataset of the server (same
+    extra; the other options do not apply to it).
     ``storage_options`` go to fsspec (for S3: ``{"client_kwargs": {"endpoint_url": ...},
     "key": ..., "secret": ...}``); ``retry`` sets how remote range reads retry transient
     failures; ``index_dir`` is a folder where ``framefeed index --out`` wrote packet-index
@@ -37,6 +40,13 @@ def open_dataset(
     """
     if isinstance(path_or_url, Dataset):
         return path_or_url
+    if is_catalog_url(path_or_url):
+        if any(v is not None for v in (storage_options, retry, index_dir, cache)):
+            raise ConfigError(
+                "storage_options, retry, index_dir and cache apply to files, not to a Rerun "
+                "catalog server URL"
+            )
+        return open_rerun_catalog(str(path_or_url))
     storage = Storage(
         path_or_url,
         storage_options=storage_options,

@@ -1,12 +1,14 @@
 """`RerunSource`: rows of the requested columns of one Rerun recording, through rerun-sdk.
 
 `open_rerun` (in ``formats/rerun.py``) describes a folder of ``.rrd`` files; this module reads
-their rows. A read opens the file's lazy chunk store (``rerun.chunk.RrdReader(path).store()``),
-streams only the chunks of the requested entities and components
-(``store.stream().filter(content=..., components=..., is_static=False)``), keeps each column's
-non-null rows with their index values and Rerun row ids, sorts them by (index value, row id) and
-converts Rerun's list-per-row Arrow layout to framefeed's: one ``binary`` blob per row for images
-and packet video, one string per row for text, flat or fixed-size-list numbers for numeric columns.
+their rows. A read opens the file's lazy chunk store (``rerun.chunk.RrdReader(path).store()``)
+and hands it to `read_rows`, which streams only the chunks of the requested entities and
+components (``store.stream().filter(content=..., components=..., is_static=False)``), keeps each
+column's non-null rows with their index values and Rerun row ids, sorts them by (index value, row
+id) and converts Rerun's list-per-row Arrow layout to framefeed's: one ``binary`` blob per row for
+images and packet video, one string per row for text, flat or fixed-size-list numbers for numeric
+columns. The catalog reader (``formats/rerun_catalog.py``) hands `read_rows` the lazy store of a
+server's segment instead, so both give the same rows.
 """
 
 from __future__ import annotations
@@ -28,10 +30,12 @@ __all__ = [
     "ColumnSpec",
     "RerunSource",
     "as_binary",
+    "check_request",
     "import_rerun",
     "index_int64",
     "is_list",
     "one_per_row",
+    "read_rows",
 ]
 
 PIP_LINE = "pip install 'framefeed[rerun]'"
@@ -100,25 +104,41 @@ class RerunSource:
 
     def read(self, position: int, paths: Sequence[str], timeline: str) -> dict[str, ColumnRows]:
         """Rows of each column in ``paths`` of the recording at ``position`` on ``timeline``."""
-        if not 0 <= position < len(self.files):
-            raise IndexError(f"segment position {position} out of range [0, {len(self.files)})")
-        unknown = [p for p in paths if p not in self.specs]
-        if unknown:
-            raise ConfigError(
-                f"{self.files[position]}: no column {unknown[0]!r}; columns are: "
-                + ", ".join(self.specs)
-            )
-        if timeline not in self.timelines:
-            raise ConfigError(
-                f"{self.files[position]}: no timeline {timeline!r}; timelines are: "
-                + ", ".join(self.timelines)
-            )
-        specs = {p: self.specs[p] for p in dict.fromkeys(paths)}
-        parts = _read_chunks(self._store(position), specs, timeline, self._where(position))
-        return {
-            p: _finish(parts[p], spec, f"{self._where(position)}, column {p!r}")
-            for p, spec in specs.items()
-        }
+        specs = check_request(self.files, position, self.specs, self.timelines, paths, timeline)
+        return read_rows(self._store(position), specs, timeline, self._where(position))
+
+
+def check_request(
+    names: Sequence[str],
+    position: int,
+    specs: dict[str, ColumnSpec],
+    timelines: Sequence[str],
+    paths: Sequence[str],
+    timeline: str,
+) -> dict[str, ColumnSpec]:
+    """The specs of ``paths`` (once each), after checking the position, columns and timeline.
+
+    ``names[p]`` names segment ``p`` in messages (its file, or its server and segment id).
+    """
+    if not 0 <= position < len(names):
+        raise IndexError(f"segment position {position} out of range [0, {len(names)})")
+    where = names[position]
+    unknown = [p for p in paths if p not in specs]
+    if unknown:
+        raise ConfigError(f"{where}: no column {unknown[0]!r}; columns are: " + ", ".join(specs))
+    if timeline not in timelines:
+        raise ConfigError(
+            f"{where}: no timeline {timeline!r}; timelines are: " + ", ".join(timelines)
+        )
+    return {p: specs[p] for p in dict.fromkeys(paths)}
+
+
+def read_rows(
+    store: Any, specs: dict[str, ColumnSpec], timeline: str, where: str
+) -> dict[str, ColumnRows]:
+    """Rows of each column of ``specs`` in a lazy chunk store, sorted and converted."""
+    parts = _read_chunks(store, specs, timeline, where)
+    return {p: _finish(parts[p], spec, f"{where}, column {p!r}") for p, spec in specs.items()}
 
 
 @dataclass

@@ -287,6 +287,11 @@ class VideoEngine:
             _, old = self._segments.popitem(last=False)
             self._segments_size -= len(old)
 
+    def executor(self) -> ThreadPoolExecutor | None:
+        """This engine's decode threads (``None`` with one thread), for other batch decoders:
+        they belong to the dataset and stop with `close`."""
+        return self._executor() if self.threads > 1 else None
+
     def _executor(self) -> ThreadPoolExecutor:
         if self._pool is not None and self._pool_pid != os.getpid():
             _INHERITED.append(self._pool)  # the parent's threads do not exist here
