@@ -323,3 +323,13 @@ def test_segment_table_of_a_recording_has_timestamps() -> None:
     late = np.datetime64(int(start[1]), "ns")
     view = ds.filter(pc.field("log_time/start") >= pa.scalar(late, pa.timestamp("ns")))
     assert view.segment_ids[view.selected_positions].tolist() == [11, 12]
+
+
+def test_inspect_summarises_a_recording() -> None:
+    from framefeed.summary import inspect_dataset
+
+    text = inspect_dataset(_recording(seconds=(2.0, 3.0)))
+    assert "segments  2" in text
+    assert "log_time     time" in text and "segments 1.99-2.99 s" in text
+    assert "step         sequence  segments 200-300 steps" in text
+    assert "/state" in text and "numeric" in text

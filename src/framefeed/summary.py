@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-from .catalog import ColumnKind, Dataset
+from .catalog import ColumnKind, Dataset, TimelineKind
 from .formats import open_dataset
 from .video.index import VideoIndex
 
@@ -22,6 +22,8 @@ def _mb(n: int) -> str:
 def inspect_dataset(path: str | os.PathLike[str] | Dataset, *, video: bool = True) -> str:
     """The summary ``framefeed inspect`` prints (episodes, frames, columns, cameras, files)."""
     ds = open_dataset(path)
+    if ds.is_recording:
+        return _recording(ds)
     lengths = ds.lengths
     lines = [
         f"dataset   {ds.root}",
@@ -69,5 +71,39 @@ def inspect_dataset(path: str | os.PathLike[str] | Dataset, *, video: bool = Tru
             height, width_px = idx.height, idx.width
         lines.append(
             f"  {key}  {codec} {width_px}x{height}  {len(files)} files, {_mb(size)}{extra}"
+        )
+    return "\n".join(lines)
+
+
+def _recording(ds: Dataset) -> str:
+    """A recording: its timelines (span of each segment) and its columns, with their kinds."""
+    lines = [
+        f"dataset   {ds.root}",
+        f"format    {ds.format_name} {ds.version}",
+        f"segments  {ds.num_segments}   rows of the densest column: {int(ds.lengths.sum())}",
+        "timelines",
+    ]
+    for t in ds.timelines:
+        if t.name not in ds.ranges:
+            continue
+        start, end = ds.ranges[t.name]
+        span = end - start
+        if t.kind is TimelineKind.TIME:
+            first = np.datetime64(int(start.min()), "ns")
+            lines.append(
+                f"  {t.name:<12} time      from {first}  segments {span.min() / 1e9:.2f}-"
+                f"{span.max() / 1e9:.2f} s (total {span.sum() / 1e9:.1f} s)"
+            )
+        else:
+            lines.append(
+                f"  {t.name:<12} sequence  segments {int(span.min()) + 1}-{int(span.max()) + 1} "
+                "steps"
+            )
+    lines.append("columns")
+    width = max((len(c) for c in ds.columns), default=0)
+    for col in ds.columns.values():
+        extra = f"  {col.info['codec']}" if "codec" in col.info else ""
+        lines.append(
+            f"  {col.path:<{width}}  {col.kind.value:<7}  {col.dtype:<8}  {list(col.shape)}{extra}"
         )
     return "\n".join(lines)
