@@ -272,33 +272,17 @@ class BatchPlanner:
         assert isinstance(self.store, ColumnStore)
         self.store.load(self.store_columns())
         lengths = self.dataset.lengths[segs][:, None]
-        io = BatchIO(executor=self.engine.executor(), threads=self.engine.threads)
-        values: dict[str, Any] = {}
-        pads: dict[str, torch.Tensor] = {}
+        placed: list[_Placed] = []
         for f in self.fields:
+            pad = None
             if f.offsets is None:
                 wanted = frames[:, None]
             else:
                 wanted = frames[:, None] + f.offsets[None, :]
-                pads[f.pad_key] = torch.from_numpy((wanted < 0) | (wanted >= lengths))
+                pad = (wanted < 0) | (wanted >= lengths)
                 wanted = np.clip(wanted, 0, lengths - 1)
-            request = FieldRequest(
-                dataset=self.dataset,
-                column=f.column,
-                key=f.key,
-                segments=segs,
-                frames=wanted,
-                rows=self.store.rows(segs[:, None], wanted),
-                windowed=f.offsets is not None,
-                store=self.store,
-                tolerance_s=self.tolerance_s,
-            )
-            values[f.key] = f.decoder.decode(request, io)
-        if io.frames:
-            self.engine.decode(io.frames, tolerance_s=self.tolerance_s)
-        _fill_missing(values, pads, self.fields)
-        values.update(pads)
-        return values
+            placed.append(_Placed(f, wanted, self.store.rows(segs[:, None], wanted), pad))
+        return self._decode(segs, placed)
 
     def _run_recording(self, indices: np.ndarray) -> dict[str, Any]:
         grid = self.grid
@@ -309,9 +293,7 @@ class BatchPlanner:
         t0 = grid.values(segs, steps)
         lo = grid.start[segs][:, None]
         hi = grid.end[segs][:, None]
-        io = BatchIO(executor=self.engine.executor(), threads=self.engine.threads)
-        values: dict[str, Any] = {}
-        pads: dict[str, torch.Tensor] = {}
+        placed: list[_Placed] = []
         for f in self.fields:
             offsets = f.offsets if f.offsets is not None else np.zeros(1, dtype=np.int64)
             t = t0[:, None] + offsets[None, :]
@@ -324,27 +306,50 @@ class BatchPlanner:
                 if f.max_staleness is not None:
                     age = clamped - store.index_values(f.column.path)[rows]
                     pad |= age > f.max_staleness
+            # Every recording field has a mask: any value may be missing or stale.
+            placed.append(_Placed(f, clamped, rows, pad if f.offsets is not None else pad[:, 0]))
+        values = self._decode(segs, placed)
+        values["episode_index"] = torch.from_numpy(self.dataset.segment_ids[segs])
+        values[grid.timeline] = torch.from_numpy(t0)
+        values["index"] = torch.from_numpy(indices.copy())
+        return values
+
+    def _decode(self, segs: np.ndarray, placed: list[_Placed]) -> dict[str, Any]:
+        """Run every field's decoder on its rows, then the batch's video decode; add masks."""
+        io = BatchIO(executor=self.engine.executor(), threads=self.engine.threads)
+        values: dict[str, Any] = {}
+        pads: dict[str, torch.Tensor] = {}
+        for p in placed:
+            f = p.field
             request = FieldRequest(
                 dataset=self.dataset,
                 column=f.column,
                 key=f.key,
                 segments=segs,
-                frames=clamped,
-                rows=rows,
+                frames=p.positions,
+                rows=p.rows,
                 windowed=f.offsets is not None,
-                store=store,  # type: ignore[arg-type]
+                store=self.store,  # type: ignore[arg-type]
                 tolerance_s=self.tolerance_s,
             )
             values[f.key] = f.decoder.decode(request, io)
-            pads[f.pad_key] = torch.from_numpy(pad if f.offsets is not None else pad[:, 0])
+            if p.pad is not None:
+                pads[f.pad_key] = torch.from_numpy(p.pad)
         if io.frames:
             self.engine.decode(io.frames, tolerance_s=self.tolerance_s)
         _fill_missing(values, pads, self.fields)
         values.update(pads)
-        values["episode_index"] = torch.from_numpy(self.dataset.segment_ids[segs])
-        values[grid.timeline] = torch.from_numpy(t0)
-        values["index"] = torch.from_numpy(indices.copy())
         return values
+
+
+@dataclass(frozen=True, eq=False)
+class _Placed:
+    """Where one field of a batch reads: positions, store rows and the pad mask (if any)."""
+
+    field: PlannedField
+    positions: np.ndarray
+    rows: np.ndarray
+    pad: np.ndarray | None
 
 
 def _aligned_rows(

@@ -76,12 +76,7 @@ class MapDataset(Serving, torch.utils.data.Dataset[dict[str, Any]]):
         return self._fetch(indices)
 
     def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
-        batch = self.get_batch(indices)
-        samples: list[dict[str, Any]] = [{} for _ in range(len(indices))]
-        for key, value in batch.items():
-            for sample, item in zip(samples, value, strict=True):
-                sample[key] = item
-        return samples
+        return unbatch(self.get_batch(indices), len(indices))
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.__getitems__([int(index)])[0]
@@ -91,3 +86,12 @@ class MapDataset(Serving, torch.utils.data.Dataset[dict[str, Any]]):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def unbatch(batch: dict[str, Any], size: int) -> list[dict[str, Any]]:
+    """The ``size`` samples of a collated batch (views of its tensors, no copies)."""
+    samples: list[dict[str, Any]] = [{} for _ in range(size)]
+    for key, value in batch.items():
+        for sample, item in zip(samples, value, strict=True):
+            sample[key] = item
+    return samples

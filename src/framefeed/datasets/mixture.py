@@ -20,7 +20,7 @@ import torch.utils.data
 
 from ..errors import ConfigError
 from ..sampling.samplers import WeightedSampler
-from .map import MapDataset
+from .map import MapDataset, unbatch
 
 __all__ = ["Mixture", "MixturePart"]
 
@@ -143,12 +143,7 @@ class Mixture(torch.utils.data.Dataset[dict[str, Any]]):
         return out
 
     def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
-        batch = self.get_batch(indices)
-        samples: list[dict[str, Any]] = [{} for _ in range(len(indices))]
-        for key, value in batch.items():
-            for sample, item in zip(samples, value, strict=True):
-                sample[key] = item
-        return samples
+        return unbatch(self.get_batch(indices), len(indices))
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.__getitems__([int(index)])[0]
