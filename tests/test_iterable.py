@@ -385,3 +385,16 @@ def test_other_workers_wait_for_the_first_batch(
     it = iter(ds)
     next(it)
     assert ds._first_done.value == 3
+
+
+def test_a_dataset_pickles_outside_worker_start(stream_root: Path) -> None:
+    """A copy made by pickle (not a worker start) keeps the epoch but shares nothing."""
+    import pickle
+
+    ds = IterableDataset(stream_root, seed=5)
+    ds.set_epoch(3)
+    copy = pickle.loads(pickle.dumps(ds))
+    assert copy.epoch == 3
+    assert _indices(copy) == _indices(ds)
+    copy.set_epoch(4)
+    assert ds.epoch == 3  # the copy has counters of its own

@@ -168,6 +168,21 @@ class IterableDataset(Serving, torch.utils.data.IterableDataset[Any]):
         self._layers_epoch = 0
         self._yielded = 0
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        if multiprocessing.context.get_spawning_popen() is None:
+            # Pickled outside the start of a worker (a copy, a Ray task, a checkpoint): the
+            # shared counters cannot travel, their values do.
+            state["_shared_epoch"] = int(self._shared_epoch.value)
+            state["_first_done"] = int(self._first_done.value)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for key in ("_shared_epoch", "_first_done"):
+            if isinstance(state.get(key), int):
+                state[key] = multiprocessing.Value("q", state[key], lock=False)
+        self.__dict__.update(state)
+
     # -- epochs and checkpoints -------------------------------------------------------------
 
     @property
