@@ -10,7 +10,8 @@ process tree (itself, its workers and, with ``forkserver``, the server), sampled
 
 Modes: ``off`` (every process reads the columns into its own memory), ``prepare`` (``fork``
 only: the parent loads the columns before the workers fork and they share its pages), ``on``
-(the node-shared column cache, built once before the measured runs). Start methods: ``fork``,
+(the node-shared column cache, built once before the measured runs), ``on+prepare`` (``fork``
+only: the cache, mapped by the parent with ``prepare()`` before the workers fork). Start methods: ``fork``,
 ``spawn``, ``forkserver`` and ``forkserver+preload`` (the server imports torch and framefeed
 once, so its children share those pages).
 
@@ -85,7 +86,8 @@ def _child(spec: dict[str, Any]) -> None:
         context = multiprocessing.get_context(method.split("+")[0])
         if method == "forkserver+preload":
             context.set_forkserver_preload(["torch", "framefeed"])
-    cache = framefeed.ColumnCache(directory=spec["cache"]) if spec["mode"] == "on" else None
+    cached = spec["mode"] in ("on", "on+prepare")
+    cache = framefeed.ColumnCache(directory=spec["cache"]) if cached else None
     ds = framefeed.IterableDataset(
         spec["root"],
         fields=[framefeed.Field(f) for f in FIELDS],
@@ -95,7 +97,7 @@ def _child(spec: dict[str, Any]) -> None:
         column_cache=cache,
     )
     t0 = time.perf_counter()
-    if spec["mode"] == "prepare":
+    if spec["mode"] in ("prepare", "on+prepare"):
         ds.prepare()
     loader = DataLoader(
         ds,
@@ -142,7 +144,9 @@ def main() -> None:
     parser.add_argument("--root", default="/tmp/ffbench-nodecache")
     parser.add_argument("--methods", default="fork,spawn,forkserver,forkserver+preload")
     parser.add_argument("--workers", default="0,2,4")
-    parser.add_argument("--modes", default="off,on,prepare", help="prepare runs with fork only")
+    parser.add_argument(
+        "--modes", default="off,on,prepare,on+prepare", help="prepare modes run with fork only"
+    )
     parser.add_argument("--episodes", type=int, default=EPISODES)
     parser.add_argument("--length", type=int, default=LENGTH, help="frames per episode")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -169,7 +173,7 @@ def main() -> None:
     workers = [int(w) for w in args.workers.split(",")]
     records = []
     for method in args.methods.split(","):
-        modes = [m for m in args.modes.split(",") if m != "prepare" or method == "fork"]
+        modes = [m for m in args.modes.split(",") if "prepare" not in m or method == "fork"]
         for mode in modes:
             for w in workers:
                 spec = {**base, "method": method, "mode": mode, "workers": w}
@@ -177,7 +181,7 @@ def main() -> None:
                 if w in (min(workers), max(workers)):
                     records.append(_run({**spec, "episodes": list(range(CONTROL_EPISODES))}))
     for method in args.methods.split(","):
-        for mode in ("off", "on", "prepare"):
+        for mode in ("off", "on", "prepare", "on+prepare"):
             got = {
                 (r["workers"], r["control"]): r["peak_pss_mb"]
                 for r in records
