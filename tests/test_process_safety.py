@@ -292,3 +292,42 @@ def test_init_without_a_process_group(rollover_root: Path, tmp_path: Path) -> No
     assert again._plan().store.cache_stats == {"built": 0, "mapped": len(cache.entries())}
     with pytest.raises(framefeed.ConfigError):
         framefeed.distributed.init(rollover_root, dataset_type=dict)  # type: ignore[call-overload]
+
+
+def _record_hook(worker_id: int, dataset: Any) -> None:
+    # Runs in the worker: what the hook saw travels back through the dataset's samples.
+    os.environ["FRAMEFEED_TEST_HOOK"] = f"{worker_id}:{type(dataset).__name__}"
+
+
+class _HookProbe(torch.utils.data.Dataset[Any]):
+    def __init__(self, root: Path) -> None:
+        self.inner = framefeed.MapDataset(root, fields=[framefeed.Field("action")])
+        self.prepared = False
+
+    def prepare(self) -> None:
+        self.inner.prepare()
+        self.prepared = True
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int) -> Any:
+        return (os.environ.get("FRAMEFEED_TEST_HOOK"), self.prepared)
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_worker_init_runs_hooks_and_prepare(plain_root: Path, context: str) -> None:
+    init = framefeed.worker_init(_record_hook, prepare=True)
+    loader = DataLoader(
+        _HookProbe(plain_root),
+        batch_size=None,
+        num_workers=1,
+        worker_init_fn=init,
+        multiprocessing_context=context,
+    )
+    assert [tuple(x) for x in loader] == [("0:_HookProbe", True)] * 2
+    assert "FRAMEFEED_TEST_HOOK" not in os.environ  # it ran in the worker, not here
+    with pytest.raises(framefeed.ConfigError, match="callables"):
+        framefeed.worker_init("not a function")  # type: ignore[arg-type]
+    with pytest.raises(framefeed.ConfigError, match="inside DataLoader worker"):
+        init(0)

@@ -60,6 +60,7 @@ EXPECTED_ALL = [
     "open_view",
     "tracing_scope",
     "with_tracing",
+    "worker_init",
 ]
 
 

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from . import distributed
 from .catalog import Column, ColumnKind, Dataset, Segment, Timeline, TimelineKind, VideoSpan
-from .datasets import IterableDataset, MapDataset, Mixture, MixturePart, merge_worker_states
+from .datasets import (
+    IterableDataset,
+    MapDataset,
+    Mixture,
+    MixturePart,
+    merge_worker_states,
+    worker_init,
+)
 from .errors import (
     ConfigError,
     DecodeError,
@@ -89,4 +96,5 @@ __all__ = [
     "open_view",
     "tracing_scope",
     "with_tracing",
+    "worker_init",
 ]
