@@ -85,8 +85,8 @@ class Run:
         self.out_q: queue.Queue[Packet | End] = queue.Queue()  # bounded by `slots`
         self.transfer_q: queue.Queue[Output | End] = queue.Queue(cfg.buffer_size)
         self.final_q: queue.Queue[Output | End] = queue.Queue(cfg.buffer_size)
-        self._active: dict[str, tuple[str, str, float]] = {}  # thread -> (stage, item, since)
-        self._active_lock = threading.Lock()
+        # thread -> (stage, item, since); items are formatted only when a timeout reports them
+        self._active: dict[str, tuple[str, object, float]] = {}
         targets: list[tuple[str, str, Callable[[], None]]] = [("source", "source", self._source)]
         for i in range(cfg.threads):
             targets.append(("fetch", f"fetch-{i}", self._fetch))
@@ -137,18 +137,18 @@ class Run:
         return None
 
     def _busy(self, stage: str, item: object | None) -> None:
+        # Called twice per item per stage: a dict write under the GIL, no lock, no formatting.
         name = threading.current_thread().name
-        with self._active_lock:
-            if item is None:
-                self._active.pop(name, None)
-            else:
-                self._active[name] = (stage, short_repr(item, 60), time.monotonic())
+        if item is None:
+            self._active.pop(name, None)
+        else:
+            self._active[name] = (stage, item, time.monotonic())
 
     def describe_wait(self) -> tuple[str, str]:
         """The stage the consumer is waiting on, and what every busy thread is doing."""
         now = time.monotonic()
-        with self._active_lock:
-            active = dict(self._active)
+        snapshot = self._active.copy()  # one atomic copy under the GIL
+        active = {k: (st, short_repr(it, 60), t) for k, (st, it, t) in snapshot.items()}
         if not active:
             return "source", "no stage is working on an item"
         culprit = max((s for s, _, _ in active.values()), key=STAGES.index)
