@@ -6,12 +6,18 @@ them segment after segment, and remembers where each segment's rows start and en
 aligns every column to the sample's index values with ``searchsorted`` over the column's index
 values, one call per segment of the batch, never row by row in Python: the value at ``t`` is the
 column's latest row at or before ``t``.
+
+With a `ColumnCache` (`use_cache`) and a dataset that knows its version (`recording_fingerprint`),
+each column's three arrays (values, index values, per-segment row bounds) are built by one
+process of the node and memory-mapped by the others (`framefeed.nodecache`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -19,7 +25,9 @@ import pyarrow as pa
 
 from .catalog import Column, ColumnKind, Dataset
 from .errors import FormatError
+from .nodecache import ColumnCache, Mapped, load_many
 from .select import apply_select
+from .streams import recording_fingerprint
 from .table import arrow_to_numpy
 
 __all__ = ["SELECT_SEP", "RecordingStore"]
@@ -42,6 +50,15 @@ class RecordingStore:
         self._bounds: dict[str, np.ndarray] = {}  # (num_segments, 2): first row, end row
         self._columns: dict[str, Column] = {}  # columns derived by a field's select
         self._lock = threading.Lock()
+        self.cache: ColumnCache | None = None
+        self._mapped: dict[str, Mapped] = {}
+        self.cache_stats = {"built": 0, "mapped": 0}
+        """Columns this process wrote to the cache, and columns it mapped that others wrote."""
+
+    def use_cache(self, cache: ColumnCache | None) -> None:
+        """Serve columns loaded from now on through the node-shared ``cache``; a recording
+        without a fingerprint (in memory, or from a catalog server) stays in memory."""
+        self.cache = cache if recording_fingerprint(self.dataset) is not None else None
 
     def derive(self, column: Column, expr: str) -> Column:
         """A column holding ``expr`` (`framefeed.select`) of ``column``'s values."""
@@ -59,8 +76,9 @@ class RecordingStore:
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        for key in ("_values", "_index", "_bounds"):
+        for key in ("_values", "_index", "_bounds", "_mapped"):
             state[key] = {}
+        state["cache_stats"] = {"built": 0, "mapped": 0}
         del state["_lock"]
         return state
 
@@ -71,6 +89,7 @@ class RecordingStore:
     def for_this_process(self) -> RecordingStore:
         """This store, safe to use after ``fork`` (a fresh lock; the arrays are shared)."""
         self._lock = threading.Lock()
+        self.cache_stats = {"built": 0, "mapped": 0}  # the parent's work, not this process's
         return self
 
     @property
@@ -79,56 +98,109 @@ class RecordingStore:
         return sum(int(getattr(a, "nbytes", 0)) for a in arrays)
 
     def load(self, paths: Iterable[str]) -> None:
-        """Read the rows of the named columns for every selected segment (one read per segment)."""
+        """Read the rows of the named columns for every selected segment (one read per segment),
+        or map them from the node's cache."""
         with self._lock:
             todo = [p for p in dict.fromkeys(paths) if p not in self._values]
             if not todo:
                 return
-            columns = [self.column(p) for p in todo]
-            base = {
-                p: str(c.info.get("select_base", p)) for p, c in zip(todo, columns, strict=True)
+            if self.cache is None:
+                for p, arrays in self._read(todo).items():
+                    self._keep(p, arrays)
+                return
+            keys = {p: self._cache_key(p) for p in todo}
+            built: list[str] = []
+
+            def build(names: list[str]) -> dict[str, dict[str, Any]]:
+                built.extend(names)
+                return self._read(names)
+
+            for p, mapped in load_many(self.cache, keys, build).items():
+                self._mapped[p] = mapped
+                self._keep(p, mapped.arrays)
+            self.cache_stats["built"] += len(built)
+            self.cache_stats["mapped"] += len(todo) - len(built)
+
+    def cached(self, path: str) -> Mapped | None:
+        """The cache entry that serves column ``path`` in this process, if any."""
+        return self._mapped.get(path)
+
+    def _cache_key(self, path: str) -> dict[str, Any]:
+        col = self.column(path)
+        base = self.dataset.column(str(col.info.get("select_base", path)))
+        return {
+            "store": "recording",
+            "dataset": recording_fingerprint(self.dataset),
+            "timeline": self.timeline,
+            "segments": hashlib.sha256(self.positions.tobytes()).hexdigest()[:32],
+            "num_segments": int(self.positions.size),
+            "column": path,
+            "select": col.info.get("select"),
+            "kind": base.kind.value,
+            "dtype": base.dtype,
+            "shape": list(base.shape),
+        }
+
+    def _keep(self, path: str, arrays: Mapping[str, Any]) -> None:
+        self._values[path] = arrays["values"]
+        self._index[path] = arrays["index"]
+        self._bounds[path] = arrays["bounds"]
+        col = self.column(path)
+        if col.info.get("select") is not None:
+            meta = json.loads(arrays["column"][0].as_py())
+            self._columns[path] = Column(
+                path=path, kind=col.kind, dtype=meta[0], shape=tuple(meta[1]), info=col.info
+            )
+
+    def _read(self, todo: list[str]) -> dict[str, dict[str, Any]]:
+        """Per column: values, index values, per-segment (first, end) rows and (dtype, shape)."""
+        columns = [self.column(p) for p in todo]
+        base = {p: str(c.info.get("select_base", p)) for p, c in zip(todo, columns, strict=True)}
+        wanted = list(dict.fromkeys(base.values()))
+        source = self.dataset.source
+        assert source is not None  # checked in __init__
+        parts: dict[str, list[pa.Array]] = {p: [] for p in todo}
+        index: dict[str, list[np.ndarray]] = {p: [] for p in todo}
+        bounds = {p: np.zeros((self.dataset.num_segments, 2), dtype=np.int64) for p in todo}
+        rows = dict.fromkeys(todo, 0)
+        for pos in self.positions.tolist():
+            got = source.read(pos, wanted, self.timeline)
+            for p in todo:
+                where = self._where(pos, p)
+                if base[p] not in got:
+                    raise FormatError(f"{where}: the source returned no rows")
+                found = got[base[p]]
+                if found.index.size > 1 and np.any(np.diff(found.index) < 0):
+                    raise FormatError(f"{where}: index values are not in ascending order")
+                bounds[p][pos] = (rows[p], rows[p] + len(found.index))
+                rows[p] += len(found.index)
+                parts[p].append(found.values)
+                index[p].append(np.asarray(found.index, dtype=np.int64))
+        out: dict[str, dict[str, Any]] = {}
+        for col in columns:
+            p = col.path
+            chunked = pa.chunked_array(parts[p], type=parts[p][0].type if parts[p] else None)
+            values_index = np.concatenate(index[p]) if index[p] else np.zeros(0, dtype=np.int64)
+            expr = col.info.get("select")
+            if expr is not None:
+                selected = apply_select(chunked, str(expr))
+                if selected.null_count:
+                    # A row whose selection is empty is a row where the value was not
+                    # logged: drop it, so latest-at finds the previous real value.
+                    keep = np.asarray(selected.is_valid().to_numpy(zero_copy_only=False))
+                    selected = selected.filter(pa.array(keep))
+                    values_index = values_index[keep]
+                    kept = np.concatenate([[0], np.cumsum(keep)])
+                    bounds[p] = kept[bounds[p]]
+                col = _with_shape(col, selected)
+                chunked = pa.chunked_array([selected])
+            out[p] = {
+                "values": _convert(chunked, col),
+                "index": values_index,
+                "bounds": bounds[p],
+                "column": pa.array([json.dumps([col.dtype, list(col.shape)])]),
             }
-            wanted = list(dict.fromkeys(base.values()))
-            source = self.dataset.source
-            assert source is not None  # checked in __init__
-            parts: dict[str, list[pa.Array]] = {p: [] for p in todo}
-            index: dict[str, list[np.ndarray]] = {p: [] for p in todo}
-            bounds = {p: np.zeros((self.dataset.num_segments, 2), dtype=np.int64) for p in todo}
-            rows = dict.fromkeys(todo, 0)
-            for pos in self.positions.tolist():
-                got = source.read(pos, wanted, self.timeline)
-                for p in todo:
-                    where = self._where(pos, p)
-                    if base[p] not in got:
-                        raise FormatError(f"{where}: the source returned no rows")
-                    found = got[base[p]]
-                    if found.index.size > 1 and np.any(np.diff(found.index) < 0):
-                        raise FormatError(f"{where}: index values are not in ascending order")
-                    bounds[p][pos] = (rows[p], rows[p] + len(found.index))
-                    rows[p] += len(found.index)
-                    parts[p].append(found.values)
-                    index[p].append(np.asarray(found.index, dtype=np.int64))
-            for col in columns:
-                p = col.path
-                chunked = pa.chunked_array(parts[p], type=parts[p][0].type if parts[p] else None)
-                values_index = np.concatenate(index[p]) if index[p] else np.zeros(0, dtype=np.int64)
-                expr = col.info.get("select")
-                if expr is not None:
-                    selected = apply_select(chunked, str(expr))
-                    if selected.null_count:
-                        # A row whose selection is empty is a row where the value was not
-                        # logged: drop it, so latest-at finds the previous real value.
-                        keep = np.asarray(selected.is_valid().to_numpy(zero_copy_only=False))
-                        selected = selected.filter(pa.array(keep))
-                        values_index = values_index[keep]
-                        kept = np.concatenate([[0], np.cumsum(keep)])
-                        bounds[p] = kept[bounds[p]]
-                    col = _with_shape(col, selected)
-                    self._columns[p] = col
-                    chunked = pa.chunked_array([selected])
-                self._values[p] = _convert(chunked, col)
-                self._index[p] = values_index
-                self._bounds[p] = bounds[p]
+        return out
 
     def _where(self, position: int, path: str) -> str:
         seg = int(self.dataset.segment_ids[position])

@@ -23,7 +23,17 @@ import pyarrow as pa
 from .catalog import Column, ColumnKind, Dataset, Timeline, TimelineKind
 from .errors import ConfigError, FormatError
 
-__all__ = ["ColumnRows", "SegmentSource", "Stream", "from_streams", "recording_dataset"]
+__all__ = [
+    "ColumnRows",
+    "SegmentSource",
+    "Stream",
+    "from_streams",
+    "recording_dataset",
+    "recording_fingerprint",
+]
+
+FINGERPRINT_INFO = "framefeed.fingerprint"
+"""Key of a recording's version in ``Dataset.info`` (see `recording_fingerprint`)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -63,12 +73,15 @@ def recording_dataset(
     lengths: Sequence[int],
     meta: Mapping[str, Sequence[Any]] | None = None,
     version: str = "",
+    fingerprint: str | None = None,
 ) -> Dataset:
     """A `Dataset` whose rows come from ``source``.
 
     ``ranges[timeline]`` holds each segment's first and last index value (inclusive) on that
     timeline, over all its columns; ``lengths`` the number of rows of each segment's densest
     column (a size hint shown to users); ``meta`` extra per-segment columns users can filter on.
+    ``fingerprint`` names this version of the rows (it changes whenever they may have): with
+    one, the node-shared column cache keeps the recording's columns; ``None``: never cached.
     """
     from .storage import Storage  # local: storage is a lower room, imported only to build one
 
@@ -98,9 +111,16 @@ def recording_dataset(
         timelines=timelines,
         tasks=(),
         segments=table,
-        info={},
+        info={} if fingerprint is None else {FINGERPRINT_INFO: str(fingerprint)},
         source=source,
     )
+
+
+def recording_fingerprint(dataset: Dataset) -> str | None:
+    """The version its reader gave a recording (`recording_dataset`); ``None``: unknown, so
+    its columns are not cached."""
+    value = dataset.info.get(FINGERPRINT_INFO)
+    return None if value is None else str(value)
 
 
 @dataclass(frozen=True, kw_only=True)

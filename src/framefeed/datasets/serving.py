@@ -134,6 +134,9 @@ class Serving:
             elif self.column_cache is not None and isinstance(planner.store, ColumnStore):
                 # Mapped from the node's cache; the key was computed once, at construction.
                 planner.store.use_cache(self.column_cache, self._cache_key)
+            elif self.column_cache is not None:
+                # A recording: cached when its reader gave it a fingerprint, else in memory.
+                planner.store.use_cache(self.column_cache)
             self._planner = planner
             self._pid = os.getpid()
         return self._planner

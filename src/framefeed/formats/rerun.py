@@ -22,6 +22,8 @@ stores of a server's segments.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -261,6 +263,7 @@ def open_rerun(storage: Storage) -> Dataset:
         segment_ids=list(range(len(footers))),
         ranges=layout.ranges,
         lengths=layout.lengths,
+        fingerprint=_fingerprint(storage.root, files, str(rr.__version__)),
         meta={
             "recording_id": [fo.recording_id for fo in footers],
             "application_id": [app for _, app in read],
@@ -274,3 +277,14 @@ def open_rerun(storage: Storage) -> Dataset:
     )
     dataset.info["rerun.skipped_columns"] = layout.skipped
     return dataset
+
+
+def _fingerprint(root: str, files: Sequence[str], version: str) -> str:
+    """This version of the recordings: the folder, rerun-sdk's version and each ``.rrd`` file's
+    name, size and modification time (a rewritten file gets a new fingerprint)."""
+    stats = []
+    for path in files:
+        st = os.stat(path)
+        stats.append([os.path.basename(path), st.st_size, st.st_mtime_ns])
+    blob = json.dumps([os.path.abspath(root), version, stats])
+    return hashlib.sha256(blob.encode()).hexdigest()
