@@ -37,7 +37,8 @@ class PacketVideoDecoder:
     (set by the Rerun reader). One with rows of its own is matched to the packets by index
     value. ``keyframe_interval`` is the fallback window, in
     rows, for packets that do not say whether they are keyframes. ``size=(H, W)`` resizes inside
-    FFmpeg. ``threads`` runs (GOPs) decode at once; call `close` to stop them.
+    FFmpeg. ``threads`` runs (GOPs) decode at once on threads of the decoder's own (call `close`
+    to stop them); by default (``None``) the runs share the dataset's decode threads.
     """
 
     def __init__(
@@ -47,7 +48,7 @@ class PacketVideoDecoder:
         keyframe_interval: int | None = None,
         size: tuple[int, int] | None = None,
         *,
-        threads: int = 1,
+        threads: int | None = None,
     ) -> None:
         self.codec = codec
         self.keyframe_column = keyframe_column
@@ -94,7 +95,7 @@ class PacketVideoDecoder:
             codec=codec,
             size=self.size,
             keyframe_interval=self.keyframe_interval,
-            threads=self.threads,
+            threads=self.threads or 1,
         )
 
     def _keyframe_path(self, column: Column) -> str | None:
@@ -152,6 +153,9 @@ class PacketVideoDecoder:
             keyframes=keyframes,
             segments=np.repeat(labels, t),
             column=col.path,
+            # Without threads of its own, the decoder uses the dataset's decode threads.
+            executor=io.executor if self.threads is None else None,
+            threads=io.threads if self.threads is None else self.threads,
         )
         return _assemble(frames, b, t, request.windowed, col.path)
 

@@ -36,7 +36,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import av
@@ -219,14 +219,19 @@ class PacketDecoder:
         keyframes: np.ndarray | None = None,
         segments: np.ndarray | None = None,
         column: str = "",
+        executor: Executor | None = None,
+        threads: int | None = None,
     ) -> list[np.ndarray | None]:
         """uint8 CHW RGB frames of ``targets`` (rows), ``None`` where no keyframe precedes one.
 
         ``segment_starts[i]`` is the first row of the segment of ``targets[i]``; anchors never
         cross it. ``keyframes`` is per row: bool, or int8 with -1 for unknown. ``segments``
         labels each target's segment in error messages. A target before its segment start (or
-        negative) has no value: ``None``.
+        negative) has no value: ``None``. ``executor`` (with ``threads``, its size) runs the
+        GOP runs on threads the caller owns (a dataset's decode threads) instead of this
+        decoder's own ``config.threads``.
         """
+        threads = threads if threads is not None else self.config.threads
         self._check_fork()
         targets = np.asarray(targets, dtype=np.int64).reshape(-1)
         segment_starts = np.asarray(segment_starts, dtype=np.int64).reshape(-1)
@@ -258,10 +263,10 @@ class PacketDecoder:
                 anchor = self._anchor(batch, t, bound.get(t))
                 if anchor is not None:
                     anchors[t] = anchor
-            runs = _plan_runs(anchors, batch, reach=1 if self.config.threads == 1 else 0)
+            runs = _plan_runs(anchors, batch, reach=1 if threads == 1 else 0)
             if not runs:
                 break
-            self._execute(runs, batch)
+            self._execute(runs, batch, threads, executor)
             pending = {t: None for t in anchors if t not in batch.frames and not anchors[t][1]}
             bound = {t: anchors[t][0] for t in pending}
         return [
@@ -309,18 +314,24 @@ class PacketDecoder:
 
     # -- decoding ----------------------------------------------------------------------------
 
-    def _execute(self, runs: list[_Run], batch: _Batch) -> None:
+    def _execute(
+        self, runs: list[_Run], batch: _Batch, threads: int, executor: Executor | None
+    ) -> None:
         runs.sort(key=lambda r: r.start - r.end)  # longest first
-        if self.config.threads == 1 or len(runs) == 1:
+        if threads == 1 or len(runs) == 1:
             for run in runs:
                 self._decode_run(run, batch)
             return
-        with self._lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(
-                    self.config.threads, thread_name_prefix="framefeed-packets"
-                )
-            pool = self._pool
+        pool: Executor
+        if executor is not None:
+            pool = executor
+        else:
+            with self._lock:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(
+                        self.config.threads, thread_name_prefix="framefeed-packets"
+                    )
+                pool = self._pool
         futures = [pool.submit(self._decode_run, run, batch) for run in runs]
         errors = [f.exception() for f in futures]
         for exc in errors:
