@@ -192,6 +192,45 @@ def test_timeout_names_the_waiting_stage() -> None:
     assert "framefeed-fetch" in str(info.value)
 
 
+def test_fetch_threads_pull_the_source_at_most_threads_plus_buffer_ahead() -> None:
+    pulled: list[int] = []
+    seen: list[int] = []
+
+    def source() -> Iterator[int]:
+        for i in range(50):
+            pulled.append(i)
+            yield i
+
+    def fetch(x: int) -> int:
+        if x == 0:  # the reordering waits for item 0: the source must stop after 2 + 3 items
+            time.sleep(0.5)
+            seen.append(len(pulled))
+        return x
+
+    with Loader(source(), fetch=fetch, threads=2, buffer_size=3) as loader:
+        assert list(loader) == list(range(50))
+    assert seen == [5]
+
+
+def test_a_batch_does_not_wait_for_later_items_after_a_skipped_failure() -> None:
+    second_batch = threading.Event()
+
+    def fetch(x: int) -> int:
+        if x == 1:
+            raise ValueError(x)
+        if x == 10:  # arrives only once the batch [5, 6, 7, 8] was handed out
+            assert second_batch.wait(5.0)
+        return x
+
+    got: list[list[int]] = []
+    with Loader(range(16), fetch=fetch, batch_size=4, on_error="skip", timeout_s=2.0) as loader:
+        for batch in loader:
+            got.append(batch.tolist())
+            if len(got) == 2:
+                second_batch.set()
+    assert got == [[0, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12], [13, 14, 15]]
+
+
 def test_early_break_leaves_no_threads() -> None:
     loader = Loader(range(1000), fetch=_jitter, threads=4)
     for i, _ in enumerate(loader):

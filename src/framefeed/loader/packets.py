@@ -12,7 +12,16 @@ from typing import Any
 
 from ..errors import FramefeedError
 
-__all__ = ["END", "End", "Failure", "Output", "Packet", "PipelineError", "short_repr"]
+__all__ = [
+    "END",
+    "End",
+    "Failure",
+    "Output",
+    "Packet",
+    "PipelineError",
+    "SourceItem",
+    "short_repr",
+]
 
 
 class PipelineError(FramefeedError):
@@ -73,6 +82,18 @@ class Output:
     consumed: int  # source items consumed by this output and those before it (input order)
     source_state: dict[str, Any] | None
     failure: Failure | None = None
+
+
+class SourceItem:
+    """The label of the item a fetch thread is pulling from the source (formatted lazily)."""
+
+    __slots__ = ("seq",)
+
+    def __init__(self, seq: int) -> None:
+        self.seq = seq
+
+    def __repr__(self) -> str:
+        return f"<item #{self.seq}>"
 
 
 class End:

@@ -32,7 +32,11 @@ class StageStats:
     blocked_s: float
     """Seconds spent waiting for room in the next stage's buffer (back-pressure)."""
     queue_mean: float
-    """Mean occupancy of the stage's input buffer, sampled whenever the stage took an item."""
+    """Mean occupancy of the stage's input buffer, sampled whenever the stage took an item.
+
+    The fetch threads pull from the source directly: for ``fetch`` this is the items pulled and
+    not yet out of the reordering (at most ``threads + buffer_size``); for ``collate`` the
+    chunks of reordered items waiting for it (a batch's worth each when batching)."""
     queue_max: int
     """Largest occupancy of the stage's input buffer seen."""
     errors: int
