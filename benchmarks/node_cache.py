@@ -11,9 +11,9 @@ process tree (itself, its workers and, with ``forkserver``, the server), sampled
 Modes: ``off`` (every process reads the columns into its own memory), ``prepare`` (``fork``
 only: the parent loads the columns before the workers fork and they share its pages), ``on``
 (the node-shared column cache, built once before the measured runs), ``on+prepare`` (``fork``
-only: the cache, mapped by the parent with ``prepare()`` before the workers fork). Start methods: ``fork``,
-``spawn``, ``forkserver`` and ``forkserver+preload`` (the server imports torch and framefeed
-once, so its children share those pages).
+only: the cache, mapped by the parent with ``prepare()`` before the workers fork). Start
+methods: ``fork``, ``spawn``, ``forkserver`` and ``forkserver+preload`` (the server imports
+torch and framefeed once, so its children share those pages).
 
 A spawned worker's interpreter (Python, torch, pyarrow, framefeed) costs ~160 MB of private
 memory whatever the data. To separate that from the data, every configuration is also run on
