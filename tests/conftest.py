@@ -184,3 +184,17 @@ def sample_ids(root: Path) -> list[tuple[int, int]]:
     eps = table.column("episode_index").to_pylist()
     frames = table.column("frame_index").to_pylist()
     return list(zip(eps, frames, strict=True))
+
+
+def tiny_rerun_config(**overrides: Any) -> Any:
+    """A small `RerunSynthConfig` (48x64 cameras, GOP 10, 16 rows per chunk) for Rerun tests."""
+    from framefeed.synth.rerun import RerunSynthConfig
+
+    settings: dict[str, Any] = {
+        "jpeg_size": (48, 64),
+        "h264_size": (48, 64),
+        "h264_gop": 10,
+        "rows_per_chunk": 16,
+    }
+    settings.update(overrides)
+    return RerunSynthConfig(**settings)

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_rerun_config
 
 import framefeed
 from framefeed import Field, FixedRateSampling, IndexSpec, MapDataset, Window
@@ -24,22 +25,12 @@ from framefeed.synth.rerun import (
     JPEG,
     STATE,
     TASK,
-    RerunSynthConfig,
     write_rerun_recordings,
 )
 
 pytestmark = pytest.mark.timeout(180)
 
-CONFIG = RerunSynthConfig(
-    num_recordings=2,
-    min_duration_s=1.0,
-    max_duration_s=1.4,
-    jpeg_size=(48, 64),
-    h264_size=(48, 64),
-    h264_gop=10,
-    rows_per_chunk=16,
-    seed=5,
-)
+CONFIG = tiny_rerun_config(num_recordings=2, min_duration_s=1.0, max_duration_s=1.4, seed=5)
 SPEC = IndexSpec(timeline="log_time", sampling=FixedRateSampling(30.0))
 FIELDS = [
     Field(STATE),

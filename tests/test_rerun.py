@@ -15,6 +15,7 @@ import av
 import numpy as np
 import pyarrow as pa
 import pytest
+from conftest import tiny_rerun_config
 
 import framefeed
 from framefeed.catalog import ColumnKind, Dataset, TimelineKind
@@ -36,16 +37,7 @@ from framefeed.synth.rerun import (
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.rerun]
 
-CONFIG = RerunSynthConfig(
-    num_recordings=3,
-    min_duration_s=1.0,
-    max_duration_s=1.6,
-    jpeg_size=(48, 64),
-    h264_size=(48, 64),
-    h264_gop=10,
-    rows_per_chunk=16,
-    seed=7,
-)
+CONFIG = tiny_rerun_config(num_recordings=3, min_duration_s=1.0, max_duration_s=1.6, seed=7)
 TIMELINES = ("log_time", "step")
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_rerun_config
 from torch.utils.data import DataLoader
 
 import framefeed
@@ -32,23 +33,13 @@ from framefeed.synth.rerun import (
     JPEG,
     STATE,
     TASK,
-    RerunSynthConfig,
     recording_streams,
     write_rerun_recordings,
 )
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.rerun]
 
-CONFIG = RerunSynthConfig(
-    num_recordings=3,
-    min_duration_s=1.0,
-    max_duration_s=1.5,
-    jpeg_size=(48, 64),
-    h264_size=(48, 64),
-    h264_gop=10,
-    rows_per_chunk=16,
-    seed=11,
-)
+CONFIG = tiny_rerun_config(num_recordings=3, min_duration_s=1.0, max_duration_s=1.5, seed=11)
 TIMELINES = ("log_time", "step")
 TIME_30HZ = IndexSpec(timeline="log_time", sampling=FixedRateSampling(30.0))
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_rerun_config
 
 import framefeed
 from framefeed import Field, FixedRateSampling, IndexSpec, Window
@@ -26,7 +27,6 @@ from framefeed.synth.rerun import (
     JPEG,
     STATE,
     TASK,
-    RerunSynthConfig,
     SynthStream,
     recording_streams,
     write_rerun_recordings,
@@ -34,16 +34,7 @@ from framefeed.synth.rerun import (
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.rerun]
 
-CONFIG = RerunSynthConfig(
-    num_recordings=2,
-    min_duration_s=1.2,
-    max_duration_s=1.8,
-    jpeg_size=(48, 64),
-    h264_size=(48, 64),
-    h264_gop=10,
-    rows_per_chunk=16,
-    seed=3,
-)
+CONFIG = tiny_rerun_config(num_recordings=2, min_duration_s=1.2, max_duration_s=1.8, seed=3)
 NS = 1_000_000_000
 
 
