@@ -198,3 +198,42 @@ def tiny_rerun_config(**overrides: Any) -> Any:
     }
     settings.update(overrides)
     return RerunSynthConfig(**settings)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for a torch.distributed rendezvous)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def init_gloo(rank: int, world_size: int, port: int) -> None:
+    """Join a gloo process group on 127.0.0.1 (tests that spawn ranks)."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=60),
+    )
+
+
+def assert_same_batches(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> None:
+    """Two lists of batches hold the same keys, dtypes and values, in order."""
+    import torch
+
+    assert len(a) == len(b)
+    for k, (x, y) in enumerate(zip(a, b, strict=True)):
+        assert list(x) == list(y), k
+        for key in x:
+            if isinstance(x[key], torch.Tensor):
+                assert x[key].dtype == y[key].dtype, (k, key)
+                assert torch.equal(x[key], y[key]), (k, key)
+            else:
+                assert x[key] == y[key], (k, key)

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import socket
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import free_port, init_gloo
 from torch.utils.data import DataLoader
 
 import framefeed
@@ -19,20 +18,8 @@ pytestmark = pytest.mark.timeout(240)
 WORLD = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _rank_main(rank: int, root: str, port: int, out: str, uneven: str) -> None:
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=timedelta(seconds=60),
-    )
+    init_gloo(rank, WORLD, port)
     try:
         # No rank or world size given: the dataset takes them from torch.distributed.
         ds = framefeed.IterableDataset(
@@ -64,7 +51,7 @@ def test_gloo_ranks_are_disjoint_complete_and_in_step(
 ) -> None:
     mp.spawn(
         _rank_main,
-        args=(str(rollover_root), _free_port(), str(tmp_path), uneven),
+        args=(str(rollover_root), free_port(), str(tmp_path), uneven),
         nprocs=WORLD,
         join=True,
     )

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import FPS, TOP
+from conftest import FPS, TOP, assert_same_batches, free_port, init_gloo
 from torch.utils.data import DataLoader
 
 import framefeed
@@ -27,17 +25,6 @@ pytestmark = pytest.mark.timeout(240)
 
 DELTAS = {TOP: [-1 / FPS, 0.0], "action": [0.0, 1 / FPS]}
 BATCH_TIMEOUT = 120  # seconds per batch; spawned workers import torch first on a loaded machine
-
-
-def _same(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> None:
-    assert len(a) == len(b)
-    for k, (x, y) in enumerate(zip(a, b, strict=True)):
-        assert list(x) == list(y), k
-        for key in x:
-            if isinstance(x[key], torch.Tensor):
-                assert torch.equal(x[key], y[key]), (k, key)
-            else:
-                assert x[key] == y[key], (k, key)
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +72,7 @@ def test_start_method_serves_exact_samples(
             timeout=BATCH_TIMEOUT,
         )
         got = list(loader)
-    _same([batch for batch, _ in got], reference)
+    assert_same_batches([batch for batch, _ in got], reference)
     facts = [f for _, f in got]
     assert len({f["pid"] for f in facts}) == 2
     for f in facts:
@@ -188,12 +175,6 @@ def test_user_worker_init_fn_runs(rollover_root: Path) -> None:
 WORLD = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _worker_inode(samples: list[dict[str, Any]]) -> list[Any]:
     info = torch.utils.data.get_worker_info()
     assert info is not None
@@ -203,13 +184,7 @@ def _worker_inode(samples: list[dict[str, Any]]) -> list[Any]:
 
 
 def _rank_main(rank: int, root: str, cache_dir: str, port: int, out: str) -> None:
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=timedelta(seconds=60),
-    )
+    init_gloo(rank, WORLD, port)
     try:
         where = local_rank()
         ds = framefeed.distributed.init(
@@ -251,7 +226,7 @@ def test_gloo_ranks_share_one_cache_written_by_local_rank_0(
     cache_dir = tmp_path / "cache"
     mp.spawn(
         _rank_main,
-        args=(str(rollover_root), str(cache_dir), _free_port(), str(tmp_path)),
+        args=(str(rollover_root), str(cache_dir), free_port(), str(tmp_path)),
         nprocs=WORLD,
         join=True,
     )

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import CAMERAS, FPS, TOP, copy_dataset, rewrite_episodes
+from conftest import CAMERAS, FPS, TOP, assert_same_batches, copy_dataset, rewrite_episodes
 from torch.utils.data import DataLoader, DistributedSampler
 
 import framefeed
@@ -53,18 +53,6 @@ def _batches(loader: DataLoader[Any]) -> list[dict[str, Any]]:
     return list(loader)
 
 
-def _assert_same_batches(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> None:
-    assert len(a) == len(b)
-    for k, (x, y) in enumerate(zip(a, b, strict=True)):
-        assert list(x) == list(y), k
-        for key in x:
-            if isinstance(x[key], torch.Tensor):
-                assert x[key].dtype == y[key].dtype, (k, key)
-                assert torch.equal(x[key], y[key]), (k, key)
-            else:
-                assert x[key] == y[key], (k, key)
-
-
 @pytest.fixture(scope="module")
 def reference(rollover_root: Path) -> list[dict[str, Any]]:
     with MapDataset(rollover_root, delta_timestamps=DELTAS) as ds:
@@ -82,7 +70,7 @@ def test_workers_match_single_process(
 ) -> None:
     with MapDataset(rollover_root, delta_timestamps=DELTAS) as ds:
         got = _batches(_loader(ds, 2, context))
-    _assert_same_batches(got, reference)
+    assert_same_batches(got, reference)
 
 
 def test_fork_after_use_in_parent(rollover_root: Path, reference: list[dict[str, Any]]) -> None:
@@ -92,7 +80,7 @@ def test_fork_after_use_in_parent(rollover_root: Path, reference: list[dict[str,
         assert len(warm) > 0
         got = _batches(_loader(ds, 2, "fork"))
         again = ds.__getitems__(list(range(0, len(ds), 7)))  # the parent still works after
-    _assert_same_batches(got, reference)
+    assert_same_batches(got, reference)
     for a, b in zip(warm, again, strict=True):
         for cam in CAMERAS:
             assert torch.equal(a[cam], b[cam])
