@@ -37,16 +37,23 @@ class PacketClip:
     """Frame index (marker) of the picture coded in each row."""
 
 
-def _options(codec: str, gop: int, bframes: int, open_gop: bool) -> dict[str, str]:
+def _options(
+    codec: str, gop: int, bframes: int, open_gop: bool, crf: int | None, repeat_headers: bool
+) -> dict[str, str]:
     if codec == "h264":
-        return {
+        options = {
             "g": str(gop),
             "keyint_min": str(gop),
             "sc_threshold": "0",
             "bf": str(bframes),
-            "crf": "20",
+            "crf": str(20 if crf is None else crf),
             "preset": "veryfast",
         }
+        if repeat_headers:
+            options["x264-params"] = "repeat-headers=1"
+        return options
+    if crf is not None or repeat_headers:
+        raise FramefeedError("crf= and repeat_headers= apply to the h264 encoder only")
     if codec == "hevc":
         params = (
             f"keyint={gop}:min-keyint={gop}:scenecut=0:bframes={bframes}:"
@@ -70,19 +77,27 @@ def encode_packets(
     open_gop: bool = False,
     texture: bool = True,
     seed: int = 0,
+    camera: int = 0,
+    rate: Fraction = Fraction(30),
+    crf: int | None = None,
+    repeat_headers: bool = False,
 ) -> PacketClip:
-    """Encode ``num_frames`` marked frames of ``episode`` into one packet per row."""
+    """Encode ``num_frames`` marked frames of ``episode`` into one packet per row.
+
+    ``camera`` picks the marker's camera number, ``rate`` the frame rate; for H.264, ``crf``
+    overrides the quality and ``repeat_headers`` writes SPS/PPS before every keyframe.
+    """
     ctx = av.CodecContext.create(ENCODERS[codec], "w")
     if not isinstance(ctx, VideoCodecContext):
         raise FramefeedError(f"{ENCODERS[codec]} is not a video encoder")
     ctx.width, ctx.height = width, height
     ctx.pix_fmt = "yuv420p"
-    ctx.time_base = Fraction(1, 30)
-    ctx.framerate = Fraction(30, 1)
-    ctx.options = _options(codec, gop, bframes, open_gop)
+    ctx.time_base = 1 / rate
+    ctx.framerate = rate
+    ctx.options = _options(codec, gop, bframes, open_gop, crf, repeat_headers)
     ctx.open()
     painter = FramePainter(
-        episode=episode, camera=0, height=height, width=width, texture=texture, seed=seed
+        episode=episode, camera=camera, height=height, width=width, texture=texture, seed=seed
     )
     packets: list[Any] = []
     for index in range(num_frames):

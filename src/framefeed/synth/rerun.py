@@ -29,7 +29,6 @@ from __future__ import annotations
 import io
 import math
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -40,6 +39,7 @@ import numpy.typing as npt
 
 from framefeed.errors import ConfigError, FramefeedError
 from framefeed.synth.frames import FRAME_BITS, FramePainter
+from framefeed.synth.packets import encode_packets
 
 __all__ = [
     "ACTION",
@@ -283,48 +283,25 @@ def _h264_packets(
     config: RerunSynthConfig, recording: int, n: int
 ) -> tuple[list[bytes], list[bool]]:
     """Encode ``n`` frames with libx264 into Annex B access units (SPS/PPS on every keyframe)."""
-    import av
-
     height, width = config.h264_size
-    painter = FramePainter(
+    clip = encode_packets(
+        "h264",
         episode=recording,
-        camera=1,
+        num_frames=n,
         height=height,
         width=width,
+        gop=config.h264_gop,
+        bframes=0,
         texture=config.texture,
         seed=config.seed,
+        camera=1,
+        rate=Fraction(config.h264_rate_hz).limit_denominator(1001),
+        crf=config.h264_crf,
+        repeat_headers=True,
     )
-    codec: Any = av.CodecContext.create("libx264", "w")
-    codec.width = width
-    codec.height = height
-    codec.pix_fmt = "yuv420p"
-    rate = Fraction(config.h264_rate_hz).limit_denominator(1001)
-    codec.time_base = 1 / rate
-    codec.framerate = rate
-    codec.options = {
-        "g": str(config.h264_gop),
-        "keyint_min": str(config.h264_gop),
-        "sc_threshold": "0",
-        "bf": "0",
-        "crf": str(config.h264_crf),
-        "preset": "veryfast",
-        "x264-params": "repeat-headers=1",
-    }
-    codec.open()
-    by_pts: dict[int, tuple[bytes, bool]] = {}
-    frames: Iterator[Any] = (
-        av.VideoFrame.from_ndarray(painter.draw(i), format="rgb24") for i in range(n)
-    )
-    for i, frame in enumerate(frames):
-        frame.pts = i
-        for packet in codec.encode(frame.reformat(format="yuv420p")):
-            by_pts[int(packet.pts)] = (bytes(packet), bool(packet.is_keyframe))
-    for packet in codec.encode(None):
-        by_pts[int(packet.pts)] = (bytes(packet), bool(packet.is_keyframe))
-    if sorted(by_pts) != list(range(n)):
-        raise FramefeedError(f"libx264 returned {len(by_pts)} packets for {n} frames")
-    packets = [by_pts[i][0] for i in range(n)]
-    keys = [by_pts[i][1] for i in range(n)]
+    if clip.frames != list(range(n)):  # no B-frames: rows in display order
+        raise FramefeedError(f"libx264 returned its {n} frames out of order")
+    packets, keys = clip.packets, clip.keyframes
     expected = [i % config.h264_gop == 0 for i in range(n)]
     if keys != expected:
         raise FramefeedError(f"libx264 did not put keyframes every {config.h264_gop} frames")
