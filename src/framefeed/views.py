@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .catalog import TimelineKind
 from .errors import ConfigError, FormatError
 
 if TYPE_CHECKING:
@@ -56,8 +57,6 @@ def segments_table(dataset: Dataset) -> pa.Table:
     table = dataset._table
     keep = [c for c in table.column_names if not c.startswith("_")]
     out = table.select(keep)
-    from .catalog import TimelineKind
-
     for t in dataset.timelines:  # time ranges as timestamps, so filters can compare dates
         for end in ("start", "end"):
             name = f"{t.name}/{end}"
@@ -75,8 +74,6 @@ def segments_table(dataset: Dataset) -> pa.Table:
 
 
 def _durations(dataset: Dataset) -> np.ndarray:
-    from .catalog import TimelineKind
-
     for t in dataset.timelines:
         if t.kind is TimelineKind.TIME and t.name in dataset.ranges:
             start, end = dataset.ranges[t.name]
