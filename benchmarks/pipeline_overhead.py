@@ -3,16 +3,22 @@
 A synthetic workload of N items (default 20,000), each doing about 2 ms of numpy work that
 releases the GIL (sorting) and about 0.2 ms of Python, batched by 32, on the machine's cores.
 All three run the same work with the same parallelism (2 threads, or 2 worker processes for
-the DataLoader); the record gives items/s and the Loader's ratio to the best of the other two.
+the DataLoader). The machine is shared and its load drifts over minutes, so the three runners
+are interleaved for ``--rounds`` rounds (the order rotates each round) and compared by their
+median; each run also records the CPU that other processes used meanwhile (cores busy outside
+this process tree), so a disturbed run is visible. The record gives items/s per round, the
+medians and the Loader's ratio to the better of the other two.
 
-Run: ``python benchmarks/pipeline_overhead.py [--items N] [--threads T]``.
+Run: ``python benchmarks/pipeline_overhead.py [--items N] [--threads T] [--rounds R]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -21,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import framefeed
+from framefeed.bench import cpu_busy_seconds, tree_cpu_seconds
 
 _DATA = np.random.default_rng(0).random(280_000)
 
@@ -45,10 +52,13 @@ class _Items(Dataset[dict[str, Any]]):
         return work(i)
 
 
-def _time(run: Any) -> float:
-    t0 = time.perf_counter()
+def _time(run: Callable[[], None]) -> tuple[float, float]:
+    """Wall seconds of ``run()`` and the cores other processes kept busy meanwhile."""
+    busy0, own0, t0 = cpu_busy_seconds(), tree_cpu_seconds(), time.perf_counter()
     run()
-    return time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    other = max(0.0, (cpu_busy_seconds() - busy0) - (tree_cpu_seconds() - own0))
+    return wall, other / wall
 
 
 def main() -> None:
@@ -58,6 +68,7 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=20_000)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     args = parser.parse_args()
     n, threads, batch = args.items, args.threads, args.batch_size
     t0 = time.perf_counter()
@@ -81,13 +92,23 @@ def main() -> None:
         assert sum(len(b["i"]) for b in loader) == n
 
     torch.set_num_threads(1)
-    seconds = {
-        "loader": _time(run_loader),
-        "thread_pool_map": _time(run_pool),
-        "torch_dataloader": _time(run_dataloader),
+    runners = {
+        "loader": run_loader,
+        "thread_pool_map": run_pool,
+        "torch_dataloader": run_dataloader,
     }
-    rates = {k: round(n / v, 1) for k, v in seconds.items()}
-    best_other = max(rates["thread_pool_map"], rates["torch_dataloader"])
+    names = list(runners)
+    rates: dict[str, list[float]] = {k: [] for k in names}
+    other_cores: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(args.rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            wall, other = _time(runners[name])
+            rates[name].append(round(n / wall, 1))
+            other_cores[name].append(round(other, 2))
+    median = {k: round(statistics.median(v), 1) for k, v in rates.items()}
+    best_other = max(median["thread_pool_map"], median["torch_dataloader"])
+    others = zip(rates["thread_pool_map"], rates["torch_dataloader"], strict=True)
+    per_round = [round(a / max(b), 3) for a, b in zip(rates["loader"], others, strict=True)]
     print(
         json.dumps(
             {
@@ -95,9 +116,13 @@ def main() -> None:
                 "items": n,
                 "threads": threads,
                 "batch_size": batch,
+                "rounds": args.rounds,
                 "serial_ms_per_item": round(per_item_ms, 3),
                 "items_per_s": rates,
-                "loader_over_best_other": round(rates["loader"] / best_other, 3),
+                "other_cores_busy": other_cores,
+                "median_items_per_s": median,
+                "loader_over_best_other_per_round": per_round,
+                "loader_over_best_other": round(median["loader"] / best_other, 3),
             }
         )
     )

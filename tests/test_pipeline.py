@@ -402,6 +402,40 @@ def test_transfer_is_a_noop_on_cpu() -> None:
     assert batches[1]["img"][1].unique().tolist() == [3]
 
 
+def _frames_and_more(i: int) -> dict[str, Any]:
+    return {
+        "img": torch.full((2, 3, 4, 4), 51 * (i % 6), dtype=torch.uint8),  # (T, C, H, W)
+        "code": torch.full((3,), i, dtype=torch.uint8),  # uint8, but not frames once batched
+        "state": torch.full((2,), float(i)),
+    }
+
+
+@pytest.mark.parametrize("device", ["cpu", None])
+def test_frames_dtype_scales_uint8_frames_after_the_move(device: str | None) -> None:
+    with Loader(
+        range(6), fetch=_frames_and_more, batch_size=3, device=device, frames_dtype=torch.float16
+    ) as loader:
+        batches = list(loader)
+    assert len(batches) == 2
+    for k, b in enumerate(batches):
+        assert b["img"].dtype == torch.float16 and b["img"].shape == (3, 2, 3, 4, 4)
+        expected = torch.tensor([51 * i / 255 for i in range(3 * k, 3 * k + 3)])
+        assert torch.allclose(b["img"].float().amax(dim=(1, 2, 3, 4)), expected, atol=1e-3)
+        assert torch.allclose(b["img"].float().amin(dim=(1, 2, 3, 4)), expected, atol=1e-3)
+        assert b["code"].dtype == torch.uint8  # (B, 3): not a batch of frames
+        assert b["code"][:, 0].tolist() == [3 * k, 3 * k + 1, 3 * k + 2]
+        assert b["state"].dtype == torch.float32
+
+
+def test_frames_dtype_is_off_by_default_and_checked() -> None:
+    with Loader(range(2), fetch=_frames_and_more, batch_size=2, device="cpu") as loader:
+        assert next(iter(loader))["img"].dtype == torch.uint8
+    with pytest.raises(ConfigError, match="frames_dtype must be a floating torch dtype"):
+        Loader(range(2), fetch=_frames_and_more, frames_dtype=torch.int32)
+    with pytest.raises(ConfigError, match="frames_dtype"):
+        Loader(range(2), fetch=_frames_and_more, frames_dtype="float32")  # type: ignore[arg-type]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only fallback")
 def test_cuda_device_without_cuda_warns_and_stays_on_cpu() -> None:
     with pytest.warns(RuntimeWarning, match="CUDA is not available"):
@@ -421,6 +455,24 @@ def test_cuda_transfer() -> None:
         assert b["img"].is_cuda and b["img"].dtype == torch.uint8
         expected = torch.arange(4 * k, 4 * k + 4, dtype=torch.uint8).view(4, 1, 1, 1)
         assert torch.equal(b["img"].cpu(), expected.expand(4, 3, 8, 8))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_frames_dtype_converts_on_the_device() -> None:
+    with Loader(
+        range(6),
+        fetch=_frames_and_more,
+        batch_size=3,
+        device="cuda",
+        pin_memory=True,
+        frames_dtype=torch.float32,
+    ) as loader:
+        batches = list(loader)
+    for k, b in enumerate(batches):
+        assert b["img"].is_cuda and b["img"].dtype == torch.float32
+        assert b["code"].is_cuda and b["code"].dtype == torch.uint8
+        expected = torch.tensor([51 * i / 255 for i in range(3 * k, 3 * k + 3)])
+        assert torch.allclose(b["img"].amax(dim=(1, 2, 3, 4)).cpu(), expected)
 
 
 # -- with a real MapDataset --------------------------------------------------------------------

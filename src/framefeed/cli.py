@@ -30,7 +30,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p_bench = sub.add_parser("bench", help="measure loading throughput, latency and memory")
     p_bench.add_argument("path", help="dataset folder or fsspec URL")
-    p_bench.add_argument("--mode", choices=["map", "stream"], default="map")
+    p_bench.add_argument(
+        "--mode",
+        choices=["map", "stream"],
+        default="map",
+        help="map: shuffled MapDataset; stream: IterableDataset with an episode pool (default map)",
+    )
     p_bench.add_argument(
         "--loader",
         choices=["torch", "framefeed"],
@@ -41,12 +46,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_bench.add_argument(
         "--loader-threads", type=int, default=1, help="framefeed.Loader fetch threads (default 1)"
     )
-    p_bench.add_argument("--batch-size", type=int, default=32)
-    p_bench.add_argument("--delta", choices=["none", "chunk"], default="none")
-    p_bench.add_argument("--pool", type=int, default=16, help="episode pool size (stream)")
-    p_bench.add_argument("--threads", type=int, default=None, help="decode threads")
-    p_bench.add_argument("--seconds", type=float, default=10.0, help="measured window")
-    p_bench.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds")
+    p_bench.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
+    p_bench.add_argument(
+        "--delta",
+        choices=["none", "chunk"],
+        default="none",
+        help="time windows: none, or chunk (2 frames per camera and state, 16 future actions)",
+    )
+    p_bench.add_argument(
+        "--pool", type=int, default=16, help="episode pool size (stream; default 16)"
+    )
+    p_bench.add_argument(
+        "--threads", type=int, default=None, help="decode threads (default: the dataset's)"
+    )
+    p_bench.add_argument("--seconds", type=float, default=10.0, help="measured window (default 10)")
+    p_bench.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds (default 2)")
     p_bench.add_argument("--vs", choices=["naive"], default=None, help="baseline in the same run")
     p_bench.add_argument("--json", action="store_true", help="print JSON records only")
     p_bench.add_argument(

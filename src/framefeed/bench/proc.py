@@ -6,7 +6,7 @@ import os
 import threading
 import time
 
-__all__ = ["PeakMemory", "cpu_busy_seconds", "tree_memory"]
+__all__ = ["PeakMemory", "cpu_busy_seconds", "tree_cpu_seconds", "tree_memory"]
 
 
 def _children() -> dict[int, list[int]]:
@@ -58,6 +58,24 @@ def cpu_busy_seconds() -> float:
         ticks = [int(x) for x in fh.readline().split()[1:]]
     idle = ticks[3] + ticks[4]
     return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_seconds() -> float:
+    """User + system CPU of this process, its exited children and its live children."""
+    own = os.times()
+    total = own.user + own.system + own.children_user + own.children_system
+    ticks = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+            if int(fields[1]) == os.getpid():
+                ticks += int(fields[11]) + int(fields[12])
+        except (OSError, ValueError, IndexError):
+            continue
+    return total + ticks / os.sysconf("SC_CLK_TCK")
 
 
 class PeakMemory:

@@ -30,7 +30,7 @@ from ..sampling import ShardedShuffleSampler
 from .epochs import Epochs, stage_records, window_stats
 from .naive import NaiveLoader
 from .plot import Series, require_matplotlib, write_plot
-from .proc import PeakMemory, cpu_busy_seconds, rss_trend
+from .proc import PeakMemory, cpu_busy_seconds, rss_trend, tree_cpu_seconds
 
 __all__ = ["BenchConfig", "run_bench"]
 
@@ -107,24 +107,6 @@ def _deltas(ds: Dataset, delta: str) -> dict[str, list[float]] | None:
     return out
 
 
-def _tree_cpu_seconds() -> float:
-    """User + system CPU of this process, its exited children and its live children."""
-    own = os.times()
-    total = own.user + own.system + own.children_user + own.children_system
-    ticks = 0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-            if int(fields[1]) == os.getpid():
-                ticks += int(fields[11]) + int(fields[12])
-        except (OSError, ValueError, IndexError):
-            continue
-    return total + ticks / os.sysconf("SC_CLK_TCK")
-
-
 def _percentiles(values: np.ndarray, scale: float, digits: int) -> dict[str, float]:
     return {
         q: round(float(np.percentile(values, p)) * scale, digits)
@@ -147,7 +129,7 @@ def _measure(
             if time.perf_counter() >= warm_end:
                 break
         stages_start = epochs.stage_stats()
-        busy0, own0 = cpu_busy_seconds(), _tree_cpu_seconds()
+        busy0, own0 = cpu_busy_seconds(), tree_cpu_seconds()
         window_start = time.monotonic()
         start = last = time.perf_counter()
         arrivals: list[float] = []
@@ -167,7 +149,7 @@ def _measure(
                 break
         wall = time.perf_counter() - start
         window_stop = time.monotonic()
-        external = max(0.0, (cpu_busy_seconds() - busy0) - (_tree_cpu_seconds() - own0)) / wall
+        external = max(0.0, (cpu_busy_seconds() - busy0) - (tree_cpu_seconds() - own0)) / wall
         stages_end = epochs.stage_stats()
         del it
     rss_first, rss_last = rss_trend(mem.samples, window_start, window_stop)

@@ -44,7 +44,10 @@ class Loader:
     batch's samples from ``source.__getitems__`` instead of ``get_batch``'s collated batch.
     ``order="input"`` yields in source order, ``"completion"`` as soon as ready. ``pin_memory``
     pins tensors (when CUDA is available) and ``device`` moves them, non-blocking, on a CUDA
-    stream of their own; dtypes never change. ``timeout_s`` bounds the wait for each output.
+    stream of their own; dtypes never change, except that with ``frames_dtype`` (a floating
+    dtype) batches of uint8 frames (uint8 tensors of 4 or more dimensions) become that dtype in
+    [0, 1] after the move, so on a GPU the conversion runs there (without ``device`` it runs in
+    the transfer thread). ``timeout_s`` bounds the wait for each output.
     `set_epoch` passes the epoch on to the source and the sampler.
     """
 
@@ -62,6 +65,7 @@ class Loader:
         order: Literal["input", "completion"] = "input",
         pin_memory: bool = False,
         device: str | torch.device | None = None,
+        frames_dtype: torch.dtype | None = None,
         on_error: Literal["raise", "skip"] = "raise",
         timeout_s: float | None = None,
     ) -> None:
@@ -75,6 +79,10 @@ class Loader:
             raise ConfigError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         if timeout_s is not None and not timeout_s > 0:
             raise ConfigError(f"timeout_s must be > 0 or None, got {timeout_s}")
+        if frames_dtype is not None and not (
+            isinstance(frames_dtype, torch.dtype) and frames_dtype.is_floating_point
+        ):
+            raise ConfigError(f"frames_dtype must be a floating torch dtype, got {frames_dtype!r}")
         if collate_fn is not None and not callable(collate_fn):
             raise ConfigError(f"collate_fn must be callable, got {type(collate_fn).__name__}")
         self._plan = plan_source(
@@ -95,6 +103,7 @@ class Loader:
         cuda = torch.cuda.is_available()
         self._pin = pin_memory and cuda
         self._device = None if device is None else torch.device(device)
+        self._frames_dtype = frames_dtype
         self._cuda_stream = self._device is not None and self._device.type == "cuda" and cuda
         if self._device is not None and self._device.type == "cuda" and not cuda:
             warnings.warn(
@@ -141,6 +150,7 @@ class Loader:
             pin=self._pin,
             device=self._device,
             cuda_stream=self._cuda_stream,
+            frames_dtype=self._frames_dtype,
             skip_items=skip,
             counters=self._counters,
         )

@@ -57,6 +57,7 @@ class RunConfig:
     pin: bool
     device: torch.device | None  # move tensors here (None: leave them where they are)
     cuda_stream: bool  # move on a dedicated CUDA stream
+    frames_dtype: torch.dtype | None = None  # uint8 frame batches become this, after the move
     skip_items: int = 0
     counters: dict[str, StageCounter] = field(default_factory=dict)
 
@@ -385,7 +386,11 @@ class Run:
                 self._busy(name, "transfer", out.label)
                 try:
                     out.value = move_tensors(
-                        out.value, pin=cfg.pin, device=cfg.device, stream=stream
+                        out.value,
+                        pin=cfg.pin,
+                        device=cfg.device,
+                        stream=stream,
+                        frames_dtype=cfg.frames_dtype,
                     )
                     c.work(time.monotonic() - start)
                 except Exception as exc:
