@@ -295,6 +295,7 @@ def test_stateful_dataloader_resumes_exactly_with_workers(stream_root: Path) -> 
     assert head + rest == full
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")  # on purpose
 def test_stateful_loader_state_resumes_with_another_worker_count(stream_root: Path) -> None:
     stateful = pytest.importorskip("torchdata.stateful_dataloader")
 
