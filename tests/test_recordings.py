@@ -295,11 +295,6 @@ def test_select_picks_nested_values_before_decoding() -> None:
     assert b["y"][1].tolist() == [[-6.0, 1.0], [-8.0, 1.0]]
 
 
-def test_select_is_refused_on_lerobot(plain_root: str) -> None:
-    with pytest.raises(ConfigError, match="select applies to recording"):
-        framefeed.MapDataset(plain_root, fields=[Field("action", select="[0]")])
-
-
 def test_rows_whose_selection_is_empty_are_not_values() -> None:
     """``[0]`` of an empty instance list is no value: latest-at keeps the previous row."""
     times = np.arange(6, dtype=np.int64) * (NS // 10)

@@ -310,8 +310,9 @@ class Field:
     key: str | None = None
     """Output key; defaults to ``path``."""
     select: str | None = None
-    """Path into nested values applied before decoding (``"[0]"``, ``"pose.x"``): see
-    `framefeed.select`."""
+    """Path into nested values applied when the column is loaded (``"[0]"``, ``"pose.x"``): see
+    `framefeed.select`. On LeRobot datasets it picks items of numeric vector and tensor features
+    (``"[0:7]"``, ``"[-1]"``, ``"[::2]"``); windows and pad masks work as without it."""
     max_staleness: float | None = None
     """Recordings: how old the latest value may be (seconds on a time timeline, steps on a
     sequence timeline); older values are masked in ``<key>_is_pad`` or, with

@@ -23,7 +23,7 @@ from .catalog import Column, ColumnKind, Dataset, TimelineKind
 from .errors import ConfigError, FormatError
 from .fields import BatchIO, Decoder, Field, FieldRequest, TaskDecoder, Window, default_decoder
 from .index import NS_PER_S, Grid, SampleIndex
-from .table import ColumnStore
+from .table import ColumnStore, select_column
 from .tracing import tracing_scope
 from .video.engine import VideoEngine
 
@@ -102,11 +102,13 @@ def resolve_fields(
             )
         decoder = f.decode if f.decode is not None else default_decoder(column)  # type: ignore[arg-type]
         if grid is None:
-            if f.select is not None:
+            if f.select is not None and column is None:
                 raise ConfigError(
-                    f"field {f.out_key!r}: select applies to recording columns; LeRobot columns "
-                    "are flat (read the nested value with a custom decoder)"
+                    f"field {f.out_key!r}: select needs a column, and the dataset has no column "
+                    f"{f.path!r} (columns: {list(dataset.columns)})"
                 )
+            if f.select is not None and column is not None:
+                select_column(column, f.select, f.out_key)  # every error now, not at a batch
             if f.max_staleness is not None:
                 raise ConfigError(
                     f"field {f.out_key!r}: max_staleness applies to recordings, whose columns "
@@ -114,7 +116,9 @@ def resolve_fields(
                 )
             offsets = window.offsets(dataset.fps, f.out_key) if window is not None else None
             planned.append(
-                PlannedField(key=f.out_key, column=column, decoder=decoder, offsets=offsets)
+                PlannedField(
+                    key=f.out_key, column=column, decoder=decoder, offsets=offsets, select=f.select
+                )
             )
             continue
         if column is not None and column.kind is ColumnKind.VIDEO:
@@ -242,16 +246,16 @@ class BatchPlanner:
         self.grid = grid
         self.store: ColumnStore | RecordingStore
         if grid is not None:
-            store = RecordingStore(dataset, np.sort(index.segments), grid.timeline)
-            self.fields = [
-                replace(f, column=store.derive(f.column, f.select))
-                if f.select is not None and f.column is not None
-                else f
-                for f in self.fields
-            ]
-            self.store = store
+            self.store = RecordingStore(dataset, np.sort(index.segments), grid.timeline)
         else:
             self.store = ColumnStore(dataset, np.sort(index.segments))
+        # A field's select reads a column derived from its own, made (and cached) by the store.
+        self.fields = [
+            replace(f, column=self.store.derive(f.column, f.select))
+            if f.select is not None and f.column is not None
+            else f
+            for f in self.fields
+        ]
 
     def store_columns(self) -> list[str]:
         cols: list[str] = []

@@ -33,7 +33,10 @@ import pyarrow.compute as pc
 
 from .errors import ConfigError
 
-__all__ = ["apply_select", "select_type"]
+__all__ = ["SELECT_SEP", "apply_select", "select_type"]
+
+SELECT_SEP = "#"
+"""Separates a column path from a field's select expression in a derived column's path."""
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _INT = re.compile(r"-?[0-9]+")

@@ -10,6 +10,11 @@ Numeric columns become numpy arrays with LeRobot's output dtypes (every float as
 every integer as int64, bools as bool; a ``(1,)`` feature becomes a scalar per row). Image and
 text columns stay Arrow arrays.
 
+A field's ``select`` (`framefeed.select`) makes a derived column (`derive`, `select_column`): its
+base column's rows, as nested fixed-size lists of the feature's shape, with the expression
+applied; an index drops an axis, a slice keeps it (``"[0:7]"`` of a ``(14,)`` state is ``(7,)``
+per frame, ``"[3]"`` a scalar). Only numeric vectors and tensors have items to select.
+
 With a `ColumnCache` (`use_cache`), each column is read by one process of the node, written to
 the cache folder and memory-mapped by every process (`framefeed.nodecache`): workers and local
 ranks share one copy, and later runs skip the parquet read.
@@ -31,10 +36,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .catalog import Column, ColumnKind, Dataset
-from .errors import FormatError
+from .errors import ConfigError, FormatError
 from .nodecache import ColumnCache, Mapped, load_many
+from .select import SELECT_SEP, apply_select
 
-__all__ = ["ColumnStore", "arrow_to_numpy"]
+__all__ = ["ColumnStore", "arrow_to_numpy", "select_column"]
 
 _CHECK = ("episode_index", "frame_index")
 _BATCH_ROWS = 1 << 16  # rows per piece when a file is filtered rather than read by row group
@@ -52,6 +58,7 @@ class ColumnStore:
         self.starts[self.positions] = offsets
         self.num_rows = int(lengths.sum())
         self._arrays: dict[str, Any] = {}
+        self._columns: dict[str, Column] = {}  # columns derived by a field's select
         self._lock = threading.Lock()
         self.cache: ColumnCache | None = None
         self._mapped: dict[str, Mapped] = {}
@@ -88,6 +95,16 @@ class ColumnStore:
     @property
     def nbytes(self) -> int:
         return sum(int(getattr(a, "nbytes", 0)) for a in self._arrays.values())
+
+    def derive(self, column: Column, expr: str) -> Column:
+        """A column holding ``expr`` (`framefeed.select`) of ``column``'s values."""
+        derived = select_column(column, expr)
+        self._columns.setdefault(derived.path, derived)
+        return self._columns[derived.path]
+
+    def column(self, path: str) -> Column:
+        """The dataset's column ``path``, or a column made by `derive`."""
+        return self._columns.get(path) or self.dataset.column(path)
 
     def rows(self, positions: np.ndarray, frames: np.ndarray) -> np.ndarray:
         """Store rows of ``(segment position, frame)`` pairs (any matching shapes)."""
@@ -129,10 +146,10 @@ class ColumnStore:
         return self._mapped.get(path)
 
     def _cache_key(self, path: str) -> dict[str, Any]:
-        col = self.dataset.column(path)
+        col = self.column(path)
         if self._fingerprint is None:
             self._fingerprint = fingerprint(self.dataset, self.positions)
-        return {
+        key: dict[str, Any] = {
             "store": "frames",
             "dataset": self._fingerprint,
             "column": path,
@@ -141,6 +158,10 @@ class ColumnStore:
             "shape": list(col.shape),
             "rows": self.num_rows,
         }
+        if "select" in col.info:  # its own entry: the base column and the expression
+            base = self.dataset.column(str(col.info["select_base"]))
+            key["select"] = [base.path, col.info["select"], list(base.shape)]
+        return key
 
     def _read_columns(self, todo: list[str]) -> dict[str, Any]:
         """The named columns, read from the data files one row group (or batch) at a time.
@@ -148,7 +169,8 @@ class ColumnStore:
         Numeric values are converted piece by piece into arrays of the final size, so loading
         holds the result plus one piece, not a second copy of the whole column.
         """
-        columns = [self.dataset.column(p) for p in todo]
+        columns = [self.column(p) for p in todo]
+        names = list(dict.fromkeys(_base_path(c) for c in columns))  # what the files hold
         numeric: dict[str, np.ndarray] = {}
         parts: dict[str, list[pa.Array]] = {p: [] for p in todo}
         by_file: dict[str, list[int]] = defaultdict(list)
@@ -161,7 +183,7 @@ class ColumnStore:
             expected = int(self.dataset.lengths[members].sum())
             checks: list[pa.Table] = []
             in_file = 0
-            for piece in self._read(rel, members, todo):
+            for piece in self._read(rel, members, names):
                 n = piece.num_rows
                 checks.append(piece.select(list(_CHECK)))
                 in_file += n
@@ -171,7 +193,7 @@ class ColumnStore:
                     if col.kind is not ColumnKind.NUMERIC:
                         parts[col.path].extend(piece.column(col.path).chunks)
                         continue
-                    values = arrow_to_numpy(piece.column(col.path), col)
+                    values = self._numeric(piece.column(_base_path(col)), col)
                     if col.path not in numeric:
                         shape = (self.num_rows, *values.shape[1:])
                         numeric[col.path] = np.empty(shape, dtype=values.dtype)
@@ -183,7 +205,7 @@ class ColumnStore:
             if col.kind is ColumnKind.NUMERIC:
                 out[col.path] = numeric.get(col.path)
                 if out[col.path] is None:  # no rows at all
-                    out[col.path] = arrow_to_numpy(pa.array([], pa.float32()), col)
+                    out[col.path] = self._numeric(pa.array([], pa.float32()), col)
             else:
                 chunks = parts[col.path]
                 out[col.path] = (
@@ -192,6 +214,13 @@ class ColumnStore:
                     else pa.array([])
                 )
         return out
+
+    def _numeric(self, values: pa.ChunkedArray | pa.Array, col: Column) -> np.ndarray:
+        """Rows of the numeric column ``col`` from its (base column's) Arrow ``values``."""
+        if "select" not in col.info:
+            return arrow_to_numpy(values, col)
+        base = self.dataset.column(str(col.info["select_base"]))
+        return _selected(arrow_to_numpy(values, base), col)
 
     def _read(self, rel: str, members: list[int], names: list[str]) -> Iterator[pa.Table]:
         """The rows of ``members`` in ``rel``, as consecutive pieces."""
@@ -290,6 +319,93 @@ def _file_version(dataset: Dataset, rel: str) -> list[Any]:
         return ["unreadable"]  # reading the file reports the error, with its name
     tags = [str(info[k]) for k in ("ETag", "etag", "LastModified", "mtime") if k in info]
     return [int(info.get("size") or 0), *tags]
+
+
+def select_column(column: Column, expr: str, key: str | None = None) -> Column:
+    """The column holding ``expr`` (`framefeed.select`) of every row of numeric ``column``.
+
+    The expression is checked here, on one row of the feature's shape: a step that does not fit
+    (a field name on a vector), an index out of range or an empty selection is a `ConfigError`
+    naming the field (``key``), the column and the expression. The result's ``shape`` is the
+    selected value's (``(1,)`` for a scalar, as for LeRobot's scalar features).
+    """
+    what = f"field {key!r}: " if key is not None else ""
+    where = f"{what}select {expr!r} on column {column.path!r}"
+    if column.kind is not ColumnKind.NUMERIC:
+        reason = {
+            ColumnKind.VIDEO: "a video feature (frames are decoded from MP4 files, whole)",
+            ColumnKind.IMAGE: "an image feature (encoded bytes, decoded whole)",
+            ColumnKind.TEXT: "a string feature (one string per frame, nothing nested)",
+        }.get(column.kind, f"a {column.kind.value} column")
+        raise ConfigError(
+            f"{where}: the column is {reason}; select applies to numeric vectors such as "
+            "observation.state (crop or post-process frames in a custom decoder or a transform)"
+        )
+    shape = tuple(int(d) for d in column.shape)
+    if shape in ((), (1,)):
+        raise ConfigError(
+            f"{where}: the column holds one {column.dtype} per frame (shape {list(shape)}), which "
+            "has no items to select; drop select to read the value"
+        )
+    probe = np.zeros((1, *shape), dtype=_out_dtype(np.dtype(column.dtype)))
+    try:
+        selected = apply_select(_as_lists(probe), expr)
+    except ConfigError as exc:
+        raise ConfigError(f"{where} ({column.dtype}, shape {list(shape)}): {exc}") from None
+    dims: list[int] = []
+    while True:
+        if selected.null_count:
+            raise ConfigError(
+                f"{where}: an index is out of range for a value of shape {list(shape)} (an "
+                "axis of n items takes -n <= i < n)"
+            )
+        if not _is_list(selected.type):
+            break
+        dims.append(int(selected.value_lengths()[0].as_py()))
+        selected = selected.flatten()
+    if 0 in dims:
+        raise ConfigError(f"{where}: selects no values of shape {list(shape)}")
+    names = column.names
+    if len(shape) == 1 and isinstance(names, list) and len(names) == shape[0]:
+        names = apply_select(pa.array([[str(n) for n in names]]), expr).to_pylist()[0]
+    else:
+        names = None
+    info = {**column.info, "select_base": column.path, "select": expr, "select_shape": dims}
+    return Column(
+        path=f"{column.path}{SELECT_SEP}{expr}",
+        kind=ColumnKind.NUMERIC,
+        dtype=column.dtype,
+        shape=tuple(dims) or (1,),
+        names=names,
+        info=info,
+    )
+
+
+def _base_path(col: Column) -> str:
+    return str(col.info.get("select_base", col.path))
+
+
+def _as_lists(values: np.ndarray) -> pa.Array:
+    """``(rows, *shape)`` values as (nested) fixed-size lists, without copying."""
+    arr: pa.Array = pa.array(np.ascontiguousarray(values).reshape(-1))
+    for size in reversed(values.shape[1:]):
+        arr = pa.FixedSizeListArray.from_arrays(arr, size)
+    return arr
+
+
+def _selected(values: np.ndarray, col: Column) -> np.ndarray:
+    """The derived column ``col`` (`select_column`) of its base column's ``values``."""
+    dims = tuple(int(d) for d in col.info["select_shape"])
+    out = apply_select(_as_lists(values), str(col.info["select"]))
+    while _is_list(out.type):
+        out = out.flatten()
+    flat = out.to_numpy(zero_copy_only=False)
+    if out.null_count or flat.shape[0] != len(values) * int(np.prod(dims)):
+        raise FormatError(
+            f"column {col.info['select_base']!r}: select {col.info['select']!r} gave "
+            f"{flat.shape[0]} values for {len(values)} rows of shape {list(dims)}"
+        )
+    return np.ascontiguousarray(flat.reshape(len(values), *dims), dtype=values.dtype)
 
 
 def _out_dtype(dtype: np.dtype[Any]) -> np.dtype[Any]:
