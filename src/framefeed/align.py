@@ -26,14 +26,11 @@ import pyarrow as pa
 from .catalog import Column, ColumnKind, Dataset
 from .errors import FormatError
 from .nodecache import ColumnCache, Mapped, load_many
-from .select import apply_select
+from .select import SELECT_SEP, apply_select
 from .streams import recording_fingerprint
 from .table import arrow_to_numpy
 
-__all__ = ["SELECT_SEP", "RecordingStore"]
-
-SELECT_SEP = "#"
-"""Separates a column path from a field's select expression in a derived column's path."""
+__all__ = ["RecordingStore"]
 
 
 class RecordingStore:
