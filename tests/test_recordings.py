@@ -215,6 +215,26 @@ def test_staleness_marks_or_drops() -> None:
     )
 
 
+def test_stale_drop_reads_its_column_once_per_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    ds = _recording()
+    assert ds.source is not None
+    reads: list[tuple[int, tuple[str, ...]]] = []
+    real_read = ds.source.read
+
+    def counting_read(pos: int, columns: Sequence[str], timeline: str) -> object:
+        reads.append((pos, tuple(columns)))
+        return real_read(pos, columns, timeline)
+
+    monkeypatch.setattr(ds.source, "read", counting_read)
+    field = Field("/action", max_staleness=0.05, on_stale="drop")
+    drop = framefeed.MapDataset(ds, index=TIME_30HZ, fields=[field])
+    assert sorted(reads) == [(pos, ("/action",)) for pos in range(ds.num_segments)]
+    batch = drop.get_batch(np.arange(len(drop)))  # served from the check's store
+    assert not batch["/action_is_pad"].any()
+    assert len(reads) == ds.num_segments
+    assert "_index_store" in drop.__getstate__() and drop.__getstate__()["_index_store"] is None
+
+
 def test_staleness_is_refused_on_lerobot(plain_root: str) -> None:
     with pytest.raises(ConfigError, match="max_staleness applies to recordings"):
         framefeed.MapDataset(plain_root, fields=[Field("action", max_staleness=0.1)])

@@ -147,11 +147,13 @@ def build_index(
     fields: Sequence[PlannedField],
     grid: Grid | None,
     window_mode: str,
-) -> SampleIndex:
+) -> tuple[SampleIndex, RecordingStore | None]:
     """The sample index after window trimming (``window_mode="trim"``) and stale drops.
 
     Trimming keeps only samples whose every window lies inside the segment; ``drop`` fields
-    remove samples whose own value is older than ``max_staleness`` (this reads those columns).
+    remove samples whose own value is older than ``max_staleness``. That reads those columns
+    into a `RecordingStore`, returned so that the planner can serve from it instead of reading
+    them again (None when nothing was read).
     """
     index = base
     windowed = [f for f in fields if f.offsets is not None]
@@ -177,6 +179,7 @@ def build_index(
             f"{_describe_span(0, int(base.lengths.max(initial=1)) * step - step, grid)})",
         )
     drops = [f for f in fields if f.drop_stale]
+    store = None
     if drops and grid is not None:
         store = RecordingStore(dataset, np.sort(index.segments), grid.timeline)
         keep = np.ones(len(index), dtype=bool)
@@ -190,7 +193,7 @@ def build_index(
             keep &= (rows >= 0) & (age <= f.max_staleness)
         names = ", ".join(repr(f.key) for f in drops)
         index = index.filtered(keep, f"every sample has a stale value of {names}")
-    return index
+    return index, store
 
 
 def _describe_span(lo: int, hi: int, grid: Grid | None) -> str:
@@ -237,7 +240,10 @@ class BatchPlanner:
         engine: VideoEngine,
         tolerance_s: float,
         grid: Grid | None = None,
+        store: RecordingStore | None = None,
     ) -> None:
+        """``store`` (recordings): a store that already holds some columns (`build_index`
+        returns one); used when it covers exactly the index's segments."""
         self.dataset = dataset
         self.index = index
         self.fields = list(fields)
@@ -246,7 +252,10 @@ class BatchPlanner:
         self.grid = grid
         self.store: ColumnStore | RecordingStore
         if grid is not None:
-            self.store = RecordingStore(dataset, np.sort(index.segments), grid.timeline)
+            positions = np.sort(index.segments)
+            if store is None or not np.array_equal(store.positions, positions):
+                store = RecordingStore(dataset, positions, grid.timeline)
+            self.store = store
         else:
             self.store = ColumnStore(dataset, np.sort(index.segments))
         # A field's select reads a column derived from its own, made (and cached) by the store.

@@ -81,7 +81,9 @@ class Serving:
         self.fields = resolve_fields(
             self.dataset, fields, delta_timestamps, self.tolerance_s, self.grid
         )
-        self.index = build_index(self.dataset, base, self.fields, self.grid, spec.window_mode)
+        self.index, read = build_index(self.dataset, base, self.fields, self.grid, spec.window_mode)
+        # Columns the stale-drop check read: this process's first planner serves from them.
+        self._index_store = read
         if self.dataset.selection is not None and self.dataset.selection.ranges:
             self.index = self.index.within(
                 self.dataset.selection.ranges, "the view's frame ranges hold no sample"
@@ -127,8 +129,15 @@ class Serving:
                 cache=inherited.engine.cache if inherited is not None else None,
             )
             planner = BatchPlanner(
-                self.dataset, self.index, self.fields, engine, self.tolerance_s, self.grid
+                self.dataset,
+                self.index,
+                self.fields,
+                engine,
+                self.tolerance_s,
+                self.grid,
+                store=self._index_store if inherited is None else None,
             )
+            self._index_store = None  # the planner has it now (or it was not needed)
             if inherited is not None:
                 planner.store = inherited.store.for_this_process()  # plain arrays: shared pages
             elif self.column_cache is not None and isinstance(planner.store, ColumnStore):
@@ -177,6 +186,7 @@ class Serving:
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_planner"] = None  # each process builds its own engine and column store
+        state["_index_store"] = None
         return state
 
     def close(self) -> None:
