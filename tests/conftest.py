@@ -125,7 +125,8 @@ def texture_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def read_info(root: Path) -> dict[str, Any]:
-    return json.loads((root / "meta" / "info.json").read_text())
+    info: dict[str, Any] = json.loads((root / "meta" / "info.json").read_text())
+    return info
 
 
 def write_info(root: Path, info: dict[str, Any]) -> None:

@@ -32,13 +32,11 @@ def test_bench_json_records(
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     ours, naive, ratio = records
     assert ours["bench"] == "framefeed" and ours["mode"] == mode
-    for record in (ours, naive):
+    # framefeed decodes two MP4 cameras, two frames each, and the PNG image; naive only the MP4s
+    for record, frames in ((ours, 2 * 2 + 1), (naive, 2 * 2)):
         assert record["samples"] > 0
         assert record["samples_per_s"] > 0
-        assert record["frames_per_s"] == pytest.approx(
-            record["samples_per_s"] * 2 * 2,
-            rel=0.01,  # two cameras, two frames each
-        )
+        assert record["frames_per_s"] == pytest.approx(record["samples_per_s"] * frames, rel=0.01)
         assert set(record["batch_latency_ms"]) == {"p50", "p95", "p99"}
         assert record["peak_rss_tree_mb"] >= record["peak_pss_tree_mb"] > 0
         assert record["peak_rss_tree_mb"] >= record["rss_tree_mb_last_quarter"] > 0
@@ -127,6 +125,42 @@ def test_bench_refuses_framefeed_loader_configurations_it_cannot_run(
 ) -> None:
     assert main(["bench", str(plain_root), *extra, "--seconds", "0.1"]) == 1
     assert "--loader framefeed" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def rrd_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("rerun")
+    from conftest import tiny_rerun_config
+
+    from framefeed.synth.rerun import write_rerun_recordings
+
+    root = tmp_path_factory.mktemp("bench-rrd")
+    config = tiny_rerun_config(num_recordings=2, min_duration_s=1.0, max_duration_s=1.2)
+    write_rerun_recordings(root, config)
+    return root
+
+
+@pytest.mark.rerun
+@pytest.mark.parametrize("mode", ["map", "stream"])
+def test_bench_counts_image_and_packet_frames_of_recordings(
+    rrd_root: Path, capsys: pytest.CaptureFixture[str], mode: str
+) -> None:
+    argv = ["bench", str(rrd_root), "--mode", mode, "--batch-size", "4", "--seconds", "0.3"]
+    assert main([*argv, "--warmup", "0", "--json"]) == 0
+    (record,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert record["samples"] > 0
+    # one JPEG camera and one H.264 packet camera per sample, no windows
+    assert record["frames_per_s"] == pytest.approx(2 * record["samples_per_s"], rel=0.01)
+
+
+@pytest.mark.rerun
+@pytest.mark.parametrize("extra", [["--delta", "chunk"], ["--vs", "naive"]])
+def test_bench_refuses_lerobot_only_options_on_recordings(
+    rrd_root: Path, capsys: pytest.CaptureFixture[str], extra: list[str]
+) -> None:
+    assert main(["bench", str(rrd_root), *extra, "--seconds", "0.1"]) == 1
+    err = capsys.readouterr().err
+    assert "is a recording" in err and "--delta chunk and --vs naive" in err
 
 
 def test_epochs_call_set_epoch_and_sum_stage_stats_across_epochs() -> None:

@@ -235,9 +235,19 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
     """Run ``cfg`` (and its baseline); one record per measured loader, then the ratio."""
     _check(cfg)
     ds = open_dataset(cfg.path)
+    if ds.is_recording and (cfg.delta != "none" or cfg.vs is not None):
+        raise ConfigError(
+            f"{cfg.path} is a recording ({ds.format_name}): --delta chunk and --vs naive need a "
+            "LeRobot dataset (frames at a fixed rate, cameras in MP4 files)"
+        )
+    if cfg.vs == "naive" and not ds.video_keys:
+        raise ConfigError(
+            f"{cfg.path} has no MP4 cameras: --vs naive seeks and decodes MP4 frames, so it "
+            "would measure nothing here"
+        )
     deltas = _deltas(ds, cfg.delta)
-    t_cams = sum(len((deltas or {}).get(k, [0.0])) for k in ds.video_keys)
     served = _serve(cfg, ds)
+    t_cams = served.frames_per_sample()
     loader = _make_loader(cfg, served)
     record: dict[str, Any] = {
         "bench": "framefeed",
@@ -278,7 +288,8 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
         baseline["delta"] = cfg.delta
         naive = NaiveLoader(ds, deltas, cfg.batch_size, cfg.seed)
         try:
-            measured, naive_series = _measure(naive, cfg, t_cams, "naive")
+            mp4_frames = sum(len((deltas or {}).get(k, [0.0])) for k in ds.video_keys)
+            measured, naive_series = _measure(naive, cfg, mp4_frames, "naive")
         finally:
             naive.close()
         baseline.update(measured)

@@ -111,6 +111,16 @@ class Serving:
             keys += [f.pad_key for f in self.fields if f.offsets is not None]
         return keys
 
+    def frames_per_sample(self) -> int:
+        """Camera frames one sample decodes: per video, image or packet-video field, the
+        length of its window (1 without one)."""
+        cameras = (ColumnKind.VIDEO, ColumnKind.IMAGE, ColumnKind.PACKETS)
+        return sum(
+            1 if f.offsets is None else len(f.offsets)
+            for f in self.fields
+            if f.column is not None and f.column.kind in cameras
+        )
+
     @property
     def engine(self) -> VideoEngine:
         """This process's video engine (its counters are in ``engine.stats``)."""
