@@ -99,6 +99,7 @@ def test_bench_torch_loader_says_what_it_shows_instead(
     (record,) = _records(capsys)
     assert "stages" not in record
     assert "not available with the torch DataLoader" in record["stages_note"]
+    assert "(its stages run inside DataLoader, in the main thread)" in record["stages_note"]
     assert "--loader framefeed" in record["stages_note"]
 
 

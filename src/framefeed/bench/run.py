@@ -267,7 +267,7 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
         gc.collect()
     record.update(measured)
     if "stages" not in record:
-        where = " worker processes" if cfg.workers else " the main thread"
+        where = " worker processes" if cfg.workers else ", in the main thread"
         engine = "" if cfg.workers else " and the video engine's fetch / index / decode split"
         record["stages_note"] = TORCH_STAGES_NOTE.format(where=where, engine=engine)
     if cfg.workers == 0:
