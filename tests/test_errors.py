@@ -210,3 +210,19 @@ def test_video_feature_without_video_path(broken: Path) -> None:
     write_info(broken, info)
     with pytest.raises(FormatError, match="video_path"):
         framefeed.open_dataset(broken)
+
+
+def test_local_parquet_goes_to_arrow_as_its_own_file(plain_root: Path) -> None:
+    # Arrow decodes on its threads only what it read itself: buffers read from a Python file
+    # object and released by those threads at interpreter exit abort the process
+    # (apache/arrow#49942).
+    import pyarrow as pa
+
+    from framefeed.errors import StorageError
+    from framefeed.storage import Storage
+
+    storage = Storage(str(plain_root))
+    with storage.open_arrow("meta/tasks.parquet") as fh:
+        assert isinstance(fh, pa.NativeFile)
+    with pytest.raises(StorageError, match=r"nothing\.parquet: file not found"):
+        storage.open_arrow("meta/nothing.parquet")

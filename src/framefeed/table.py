@@ -227,7 +227,7 @@ class ColumnStore:
         ds = self.dataset
         where = ds.storage.url(rel)
         try:
-            with ds.storage.open(rel) as fh:
+            with ds.storage.open_arrow(rel) as fh:
                 pf = pq.ParquetFile(fh)
                 have = pf.schema_arrow.names
                 missing = [n for n in [*names, *_CHECK] if n not in have]
@@ -246,6 +246,7 @@ class ColumnStore:
     ) -> Iterator[pa.Table]:
         """Rows of ``members``: by row group when the file has one per episode, else filtered."""
         ds = self.dataset
+        threads = ds.storage.is_local  # see Storage.open_arrow
         meta = pf.metadata
         groups = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
         rel = str(ds.data_paths[members[0]])
@@ -253,10 +254,11 @@ class ColumnStore:
         if groups == ds.lengths[in_file].tolist():
             slot = {int(p): i for i, p in enumerate(in_file.tolist())}
             for p in members:
-                yield pf.read_row_group(slot[p], columns=wanted)
+                yield pf.read_row_group(slot[p], columns=wanted, use_threads=threads)
             return
         ids = pa.array(ds.segment_ids[members])
-        for batch in pf.iter_batches(batch_size=_BATCH_ROWS, columns=wanted):
+        batches = pf.iter_batches(batch_size=_BATCH_ROWS, columns=wanted, use_threads=threads)
+        for batch in batches:
             table = pa.Table.from_batches([batch])
             kept = table.filter(pc.is_in(table.column("episode_index"), value_set=ids))
             if kept.num_rows:

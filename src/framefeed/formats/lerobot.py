@@ -138,8 +138,8 @@ def _columns(features: Any, where: str) -> dict[str, Column]:
 def _read_tasks(storage: Storage) -> list[str]:
     where = storage.url(TASKS)
     try:
-        with storage.open(TASKS) as fh:
-            table = pq.read_table(fh)
+        with storage.open_arrow(TASKS) as fh:
+            table = pq.read_table(fh, use_threads=storage.is_local)
     except StorageError as exc:
         raise FormatError(f"{where}: missing tasks table ({exc})") from exc
     except (pa.ArrowException, OSError) as exc:
@@ -184,14 +184,14 @@ def _read_episodes(storage: Storage, video_keys: list[str]) -> pa.Table:
     for rel in files:
         where = storage.url(rel)
         try:
-            with storage.open(rel) as fh:
+            with storage.open_arrow(rel) as fh:
                 pf = pq.ParquetFile(fh)
                 names = pf.schema_arrow.names
                 missing = [c for c in required if c not in names]
                 if missing:
                     raise FormatError(f"{where}: missing episode columns {missing}")
                 wanted = [c for c in names if not c.startswith("stats/")]
-                parts.append(pf.read(columns=wanted))
+                parts.append(pf.read(columns=wanted, use_threads=storage.is_local))
         except (pa.ArrowException, OSError) as exc:
             raise FormatError(f"{where}: unreadable parquet ({exc})") from exc
     table = pa.concat_tables(parts, promote_options="default")
