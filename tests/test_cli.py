@@ -145,3 +145,43 @@ def test_module_entry_point(rollover_root: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "episodes" in proc.stdout
+
+
+def test_demo_refuses_a_folder_that_is_not_a_demo_dataset(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``demo --root`` replaces the folder's contents: a folder of other files stays intact."""
+    root = tmp_path / "precious"
+    root.mkdir()
+    (root / "notes.txt").write_text("keep me")
+    assert main(["demo", "--root", str(root), "--episodes", "2"]) == 1
+    err = capsys.readouterr().err
+    assert str(root) in err
+    assert "new or empty folder" in err
+    assert (root / "notes.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize(
+    ("option", "value"), [("--batch-size", "0"), ("--workers", "-1"), ("--epochs", "0")]
+)
+def test_demo_bad_options_exit_with_status_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], option: str, value: str
+) -> None:
+    rc = main(["demo", "--root", str(tmp_path / "demo"), "--episodes", "2", option, value])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "Traceback" not in err
+    assert option.lstrip("-").replace("-", "_") in err
+    assert not (tmp_path / "demo").exists()  # checked before anything is written
+
+
+def test_demo_root_that_cannot_be_created(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    root = blocker / "demo"
+    assert main(["demo", "--root", str(root), "--episodes", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot create" in err
+    assert str(root) in err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
@@ -11,6 +12,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .datasets import MapDataset
+from .errors import ConfigError
 from .loader import collate
 from .synth import CameraSpec, SynthConfig, write_lerobot_dataset
 
@@ -42,9 +44,22 @@ def run_demo(
     batch_size: int = 16,
     workers: int = 0,
 ) -> float:
-    """Write the dataset (under ``root`` or a temporary folder), train, return samples/s."""
+    """Write the dataset (under ``root`` or a temporary folder), train, return samples/s.
+
+    ``root`` must be new, empty or an earlier demo dataset (which is replaced); any other
+    folder is refused, so a mistyped ``--root`` never deletes data.
+    """
+    for name, value, least in (
+        ("epochs", epochs, 1),
+        ("batch_size", batch_size, 1),
+        ("workers", workers, 0),
+    ):
+        if value < least:
+            raise ConfigError(f"demo: {name} must be >= {least}, got {value}")
     tmp = None
-    if root is None:
+    if root is not None:
+        _check_demo_root(root)
+    else:
         tmp = tempfile.TemporaryDirectory(prefix="framefeed-demo-")
         root = os.path.join(tmp.name, "dataset")
     try:
@@ -103,3 +118,20 @@ def run_demo(
     finally:
         if tmp is not None:
             tmp.cleanup()
+
+
+def _check_demo_root(root: str | os.PathLike[str]) -> None:
+    """Refuse a ``root`` that holds anything but an earlier synthetic dataset: the demo
+    replaces the folder's contents."""
+    if not os.path.isdir(root) or not os.listdir(root):
+        return  # new or empty (a file there is refused by the writer)
+    try:
+        with open(os.path.join(root, "meta", "info.json"), encoding="utf-8") as fh:
+            robot_type = json.load(fh).get("robot_type")
+    except (OSError, ValueError, AttributeError):
+        robot_type = None
+    if robot_type != "synthetic":
+        raise ConfigError(
+            f"demo: --root {os.fspath(root)!r} is not empty and is not an earlier demo dataset; "
+            "the demo replaces the folder's contents, so give a new or empty folder"
+        )

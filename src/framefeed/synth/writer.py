@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from framefeed.errors import ConfigError
+from framefeed.errors import ConfigError, StorageError
 from framefeed.synth.config import DEFAULT_FEATURE_NAMES, CameraSpec, SynthConfig
 from framefeed.synth.content import episode_columns, episode_lengths, episode_task_index
 from framefeed.synth.frames import FramePainter
@@ -125,7 +125,10 @@ def _prepare_root(root: Path, overwrite: bool) -> None:
                 "path or pass overwrite=True to replace it"
             )
         shutil.rmtree(root)
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageError(f"dataset root {str(root)!r}: cannot create it ({exc})") from exc
 
 
 class _DataFileWriter:
