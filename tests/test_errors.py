@@ -226,3 +226,23 @@ def test_local_parquet_goes_to_arrow_as_its_own_file(plain_root: Path) -> None:
         assert isinstance(fh, pa.NativeFile)
     with pytest.raises(StorageError, match=r"nothing\.parquet: file not found"):
         storage.open_arrow("meta/nothing.parquet")
+
+
+def test_task_index_without_a_task(broken: Path) -> None:
+    """A data row whose task_index the tasks table lacks is an error, not a ``None`` task."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(
+        pa.table({"task_index": [0], "task": ["only the first task"]}),
+        broken / "meta" / "tasks.parquet",
+    )
+    ds = framefeed.open_dataset(broken)
+    pos = 1  # synthetic episode e has task_index e % 2
+    episode = int(ds.segment_ids[pos])
+    err = _error_of(broken, int(ds.start_rows[pos]) + 3)
+    assert isinstance(err, FormatError)
+    msg = str(err)
+    assert f"episode {episode}, frame 3" in msg
+    assert "task_index 1" in msg
+    assert "meta/tasks.parquet" in msg

@@ -340,11 +340,68 @@ def test_resize_through_the_frame_decoder(plain_root: Path) -> None:
         {"decode_threads": 0},
         {"fields": [Field("no.such.column")]},
         {"fields": [Field("action"), Field("observation.state", key="action")]},
+        {"tolerance_s": float("nan")},
+        {"tolerance_s": "a"},
+        {"decode_threads": "2"},
+        {"index": "trim"},
+        {"fields": ["action"]},
+        {"fields": []},
+        {"episodes": "12"},
+        {"episodes": 5},
+        {"episodes": [0.5]},
+        {"episodes": [None]},
+        {"episodes": [2**70]},
+        {"episodes": []},
     ],
 )
 def test_bad_arguments_are_config_errors(plain_root: Path, kwargs: dict[str, Any]) -> None:
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError) as err:
         MapDataset(plain_root, **kwargs)
+    assert next(iter(kwargs)).rstrip("s") in str(err.value)  # names the argument
+
+
+@pytest.mark.parametrize(
+    ("decode", "path", "expected"),
+    [
+        (VideoFrameDecoder(), "action", "VideoFrameDecoder reads video columns"),
+        (framefeed.ImageDecoder(), "action", "ImageDecoder reads image columns"),
+        (framefeed.TextDecoder(), "action", "TextDecoder reads text columns"),
+        (framefeed.NumericDecoder(), TOP, "NumericDecoder reads numeric columns"),
+        (framefeed.NumericDecoder(), "no.column", "the dataset has none"),
+        (object(), "action", "must be a decoder"),
+    ],
+)
+def test_decoder_that_does_not_fit_its_column(
+    plain_root: Path, decode: Any, path: str, expected: str
+) -> None:
+    """Refused when the dataset is built, not an IndexError/AssertionError at the first batch."""
+    with pytest.raises(ConfigError, match=expected) as err:
+        MapDataset(plain_root, fields=[Field(path, decode=decode)])
+    assert repr(path) in str(err.value)
+
+
+@pytest.mark.parametrize("size", [(0, 0), (-4, 8), 7, (24.5, 40)])
+def test_bad_resize_is_a_config_error(size: Any) -> None:
+    with pytest.raises(ConfigError, match="height, width"):
+        VideoFrameDecoder(size=size)
+
+
+def test_index_types(plain_root: Path) -> None:
+    with MapDataset(plain_root) as ds:
+        n = len(ds)
+        assert int(ds[np.int64(3)]["index"]) == 3
+        assert int(ds[torch.tensor(3)]["index"]) == 3
+        for bad in (1.5, "3", None, slice(1, 3), [1, 2]):
+            with pytest.raises(ConfigError, match="a sample index is an integer"):
+                ds[bad]  # type: ignore[index]
+        with pytest.raises(IndexError, match=f"out of range for an index of {n} samples"):
+            ds[10**30]
+        assert ds.get_batch(torch.tensor([1, 2]))["index"].tolist() == [1, 2]
+        for batch in ([1.5], ["a"], [True, False], [[1, 2]], 3):
+            with pytest.raises(ConfigError, match="sample numbers"):
+                ds.get_batch(batch)  # type: ignore[arg-type]
+        with pytest.raises(IndexError, match="out of range"):
+            ds.get_batch([0, 2**64])
 
 
 def test_pickle_round_trip(plain_root: Path) -> None:

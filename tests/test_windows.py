@@ -229,11 +229,51 @@ def test_window_and_delta_for_one_field_conflict(plain_root: Path) -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{}, {"steps": (0,), "seconds": (0.0,)}, {"steps": ()}, {"seconds": ()}],
+    [
+        {},
+        {"steps": (0,), "seconds": (0.0,)},
+        {"steps": ()},
+        {"seconds": ()},
+        {"steps": 5},
+        {"steps": "01"},
+        {"steps": (0.5,)},
+        {"steps": (2**70,)},
+        {"seconds": ("a",)},
+        {"seconds": 0.0},
+        {"seconds": (0.0,), "tolerance_s": -1.0},
+        {"seconds": (0.0,), "tolerance_s": math.nan},
+    ],
 )
 def test_bad_windows(kwargs: dict[str, Any]) -> None:
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="Window"):
         Window(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("deltas", "expected"),
+    [
+        ({"action": ["a"]}, "numbers"),
+        ({"action": [None]}, "numbers"),
+        ({"action": 0.0}, "sequence"),
+        ({"action": [1e20]}, "finite number"),
+        ({"task": [0.0]}, "windows do not apply"),
+        ([0.0], "must map keys"),
+    ],
+)
+def test_malformed_delta_timestamps_are_config_errors(
+    plain_root: Path, deltas: Any, expected: str
+) -> None:
+    """Values that are not lists of seconds are named, not a TypeError/OverflowError."""
+    with pytest.raises(ConfigError, match=expected) as err:
+        MapDataset(plain_root, delta_timestamps=deltas)
+    if isinstance(deltas, dict):
+        assert next(iter(deltas)) in str(err.value)
+
+
+@pytest.mark.parametrize("window", [5, ["a"], [0.5], [2**70]])
+def test_field_window_of_non_integers_is_a_config_error(plain_root: Path, window: Any) -> None:
+    with pytest.raises(ConfigError, match=r"field 'action'.*steps"):
+        MapDataset(plain_root, fields=[Field("action", window=window)])
 
 
 def test_window_offsets() -> None:

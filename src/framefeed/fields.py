@@ -15,6 +15,7 @@ fills before the batch is handed out, so all cameras of a batch decode together.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 
 from .catalog import Column, ColumnKind, Dataset
-from .errors import ConfigError
+from .errors import ConfigError, FormatError
 from .image import ImageBackend, decode_images, image_blobs
 from .tracing import tracing_scope
 from .video.engine import FrameRequest
@@ -43,7 +44,11 @@ __all__ = [
     "TextDecoder",
     "VideoFrameDecoder",
     "Window",
+    "check_decoder",
 ]
+
+MAX_OFFSET = 1 << 62
+"""Largest window offset (frames, steps or nanoseconds) that index arithmetic holds exactly."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,9 +70,31 @@ class Window:
     def __post_init__(self) -> None:
         if (self.steps is None) == (self.seconds is None):
             raise ConfigError("a Window needs exactly one of steps= or seconds=")
-        values = self.steps if self.steps is not None else self.seconds
-        if not values:
+        name = "steps" if self.steps is not None else "seconds"
+        values: Any = self.steps if self.steps is not None else self.seconds
+        if isinstance(values, str | bytes) or not isinstance(values, Sequence | np.ndarray):
+            raise ConfigError(
+                f"Window {name}= must be a sequence of numbers such as (-1, 0), not {values!r}"
+            )
+        if not len(values):
             raise ConfigError("a Window needs at least one offset")
+        if self.steps is not None:
+            bad = [v for v in values if not _is_int(v) or abs(int(v)) > MAX_OFFSET]
+            if bad:
+                raise ConfigError(
+                    f"Window steps= must be whole numbers of frames within +-2**62, got {bad[0]!r}"
+                    " (give times in seconds as Window(seconds=...))"
+                )
+        else:
+            bad = [v for v in values if not isinstance(v, numbers.Real)]
+            if bad:
+                raise ConfigError(f"Window seconds= must be numbers, got {bad[0]!r}")
+        object.__setattr__(self, name, tuple(values))
+        tolerance: Any = self.tolerance_s
+        if not (isinstance(tolerance, numbers.Real) and float(tolerance) > 0):
+            raise ConfigError(
+                f"Window tolerance_s must be a positive number, not {self.tolerance_s!r}"
+            )
 
     def offsets(self, fps: float, key: str = "") -> np.ndarray:
         """The window as int64 frame offsets."""
@@ -77,8 +104,11 @@ class Window:
         out = []
         for delta in self.seconds:
             frames = float(delta) * fps
-            if not math.isfinite(frames):
-                raise ConfigError(f"delta_timestamps[{key!r}]: {delta!r} is not a finite number")
+            if not math.isfinite(frames) or abs(frames) > MAX_OFFSET:
+                raise ConfigError(
+                    f"delta_timestamps[{key!r}]: {delta!r} is not a finite number of seconds "
+                    "within the range of a frame offset"
+                )
             if abs(frames - round(frames)) / fps > self.tolerance_s:
                 raise ConfigError(
                     f"delta_timestamps[{key!r}]: {delta!r} s is not a multiple of 1/fps "
@@ -87,6 +117,10 @@ class Window:
                 )
             out.append(round(frames))
         return np.asarray(out, dtype=np.int64)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True, eq=False)
@@ -161,8 +195,16 @@ class TaskDecoder:
         tasks = request.dataset.tasks
         idx = request.store.get(self.index_column)[request.rows[:, 0]]
         out: list[Any] = []
-        for i in idx.tolist():
-            out.append(tasks[i] if 0 <= i < len(tasks) else None)
+        for b, i in enumerate(idx.tolist()):
+            if not 0 <= i < len(tasks):
+                ds = request.dataset
+                raise FormatError(
+                    f"{ds.root}: episode {int(ds.segment_ids[request.segments[b]])}, frame "
+                    f"{int(request.frames[b, 0])}: {self.index_column} {i} has no task in the "
+                    f"tasks table (meta/tasks.parquet holds {len(tasks)}); the tasks table does "
+                    "not match the data files"
+                )
+            out.append(tasks[i])
         return out
 
 
@@ -191,7 +233,16 @@ class VideoFrameDecoder:
     """
 
     def __init__(self, size: tuple[int, int] | None = None) -> None:
-        self.size = size
+        given: Any = size
+        if given is not None and not (
+            isinstance(given, Sequence)
+            and len(given) == 2
+            and all(_is_int(v) and int(v) > 0 for v in given)
+        ):
+            raise ConfigError(
+                f"VideoFrameDecoder size must be (height, width) in positive pixels, not {size!r}"
+            )
+        self.size = (int(size[0]), int(size[1])) if size is not None else None
 
     def columns(self, request_column: Column | None) -> Sequence[str]:
         return ["timestamp"]
@@ -250,6 +301,12 @@ class ImageDecoder:
     ) -> None:
         if threads is not None and threads < 1:
             raise ConfigError(f"ImageDecoder threads must be at least 1, got {threads!r}")
+        chosen: Any = backend
+        if not isinstance(chosen, ImageBackend):
+            choices = [b.value for b in ImageBackend]
+            raise ConfigError(
+                f"ImageDecoder backend must be an ImageBackend ({choices}), not {backend!r}"
+            )
         self.threads = threads
         self.backend = backend
 
@@ -275,6 +332,40 @@ class ImageDecoder:
                 pool=io.executor,
             )
         return out if request.windowed else out[:, 0]
+
+
+def check_decoder(decoder: object, column: Column | None, key: str) -> None:
+    """Refuse a decoder that is not one, or a built-in decoder given a column it cannot read."""
+    if not isinstance(decoder, Decoder):
+        raise ConfigError(
+            f"field {key!r}: decode= must be a decoder (an object with columns() and decode(), "
+            f"such as NumericDecoder()), not {decoder!r}"
+        )
+    kinds = {
+        NumericDecoder: ColumnKind.NUMERIC,
+        VideoFrameDecoder: ColumnKind.VIDEO,
+        ImageDecoder: ColumnKind.IMAGE,
+        TextDecoder: ColumnKind.TEXT,
+    }
+    kind = next((k for cls, k in kinds.items() if isinstance(decoder, cls)), None)
+    if kind is None:
+        return
+    name = type(decoder).__name__
+    if column is None:
+        raise ConfigError(
+            f"field {key!r}: {name} reads a {kind.value} column; the dataset has none"
+        )
+    if column.kind is not kind:
+        raise ConfigError(
+            f"field {key!r}: {name} reads {kind.value} columns, and {column.path!r} is a "
+            f"{column.kind.value} column; leave decode= unset for the default decoder of its kind"
+        )
+    if kind in (ColumnKind.VIDEO, ColumnKind.IMAGE) and len(column.shape) != 3:
+        raise ConfigError(
+            f"field {key!r}: {name} needs the frame shape (H, W, C) of column {column.path!r}, "
+            f"which has shape {list(column.shape)} (in-memory streams: give "
+            "Stream(info={'shape': (H, W, 3)}))"
+        )
 
 
 def default_decoder(column: Column) -> Decoder:
@@ -323,8 +414,14 @@ class Field:
     def __post_init__(self) -> None:
         if self.on_stale not in ("mask", "drop"):
             raise ConfigError(f"field {self.out_key!r}: on_stale must be 'mask' or 'drop'")
-        if self.max_staleness is not None and not self.max_staleness >= 0:
-            raise ConfigError(f"field {self.out_key!r}: max_staleness must be >= 0")
+        staleness: Any = self.max_staleness
+        if staleness is not None and not (
+            isinstance(staleness, numbers.Real) and float(staleness) >= 0
+        ):
+            raise ConfigError(
+                f"field {self.out_key!r}: max_staleness must be a number >= 0, "
+                f"not {self.max_staleness!r}"
+            )
 
     @property
     def out_key(self) -> str:
@@ -333,4 +430,7 @@ class Field:
     def resolved_window(self) -> Window | None:
         if self.window is None or isinstance(self.window, Window):
             return self.window
-        return Window(steps=tuple(int(s) for s in self.window))
+        try:
+            return Window(steps=self.window)  # type: ignore[arg-type]  # any sequence of ints
+        except ConfigError as exc:
+            raise ConfigError(f"field {self.out_key!r}: {exc}") from None

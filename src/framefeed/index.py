@@ -14,9 +14,10 @@ whole window lies inside the segment, as Rerun's dataloader does).
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -36,7 +37,8 @@ class FixedRateSampling:
     """Sampling rate in Hz."""
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.rate_hz) and self.rate_hz > 0):
+        rate: Any = self.rate_hz
+        if not (isinstance(rate, numbers.Real) and math.isfinite(rate) and float(rate) > 0):
             raise ConfigError(f"FixedRateSampling: rate_hz must be positive, got {self.rate_hz!r}")
         if round(NS_PER_S / self.rate_hz) < 1:
             raise ConfigError(f"FixedRateSampling: {self.rate_hz} Hz is above 1 GHz")
@@ -122,6 +124,20 @@ def _default_timeline(dataset: Dataset) -> str:
     )
 
 
+def episode_ids(episodes: object, what: str) -> np.ndarray:
+    """Episode ids given by a user as int64, or a `ConfigError` that says what is wrong."""
+    if isinstance(episodes, str | bytes) or not isinstance(episodes, Iterable):
+        raise ConfigError(f"{what} must be a list of episode ids such as [0, 3], not {episodes!r}")
+    ids = list(episodes)
+    bad = [e for e in ids if isinstance(e, bool) or not isinstance(e, numbers.Integral)]
+    if bad:
+        raise ConfigError(f"{what} must be integer episode ids, got {bad[0]!r}")
+    big = [e for e in ids if not -(2**63) <= int(e) < 2**63]
+    if big:
+        raise ConfigError(f"{what}: episode {big[0]} does not exist")
+    return np.asarray([int(e) for e in ids], dtype=np.int64)
+
+
 class SampleIndex:
     """Maps global sample numbers to ``(segment position, frame)`` and back.
 
@@ -170,7 +186,11 @@ class SampleIndex:
         selected = dataset.selected_positions
         if episodes is None:
             return cls(dataset.lengths, selected if dataset.selection is not None else None)
-        wanted = np.unique(np.fromiter((int(e) for e in episodes), dtype=np.int64))
+        wanted = np.unique(episode_ids(episodes, "episodes"))
+        if wanted.size == 0:
+            raise ConfigError(
+                f"{dataset.root}: episodes=[] selects no episode; pass None for all of them"
+            )
         found = np.isin(wanted, dataset.segment_ids)
         if not found.all():
             missing = wanted[~found][:10].tolist()

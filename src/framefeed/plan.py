@@ -11,6 +11,7 @@ the video engine, which sorts them per file and decodes each needed GOP once.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -21,7 +22,17 @@ import torch
 from .align import RecordingStore
 from .catalog import Column, ColumnKind, Dataset, TimelineKind
 from .errors import ConfigError, FormatError
-from .fields import BatchIO, Decoder, Field, FieldRequest, TaskDecoder, Window, default_decoder
+from .fields import (
+    MAX_OFFSET,
+    BatchIO,
+    Decoder,
+    Field,
+    FieldRequest,
+    TaskDecoder,
+    Window,
+    check_decoder,
+    default_decoder,
+)
 from .index import NS_PER_S, Grid, SampleIndex
 from .table import ColumnStore, select_column
 from .tracing import tracing_scope
@@ -75,10 +86,24 @@ def resolve_fields(
 
     ``grid`` (recordings) gives the index timeline: windows become offsets in its units.
     """
+    if fields is not None and (isinstance(fields, str | Field) or not isinstance(fields, Sequence)):
+        raise ConfigError(f"fields must be a list of Field objects, not {fields!r}")
     chosen = list(fields) if fields is not None else default_fields(dataset)
+    if not chosen:
+        raise ConfigError("fields is empty: name at least one Field (or pass None for all)")
+    for f in chosen:
+        if not isinstance(f, Field):
+            raise ConfigError(
+                f"fields must be Field objects, got {f!r} (write Field({f!r}) for a column)"
+            )
     by_key = {f.out_key: f for f in chosen}
     if len(by_key) != len(chosen):
         raise ConfigError("two fields have the same output key")
+    if delta_timestamps is not None and not isinstance(delta_timestamps, Mapping):
+        raise ConfigError(
+            "delta_timestamps must map keys to lists of seconds, such as "
+            f"{{'action': [0.0, 1 / 30]}}, not {delta_timestamps!r}"
+        )
     deltas = dict(delta_timestamps or {})
     unknown = [k for k in deltas if k not in by_key]
     if unknown:
@@ -92,8 +117,11 @@ def resolve_fields(
         if f.out_key in deltas:
             if window is not None:
                 raise ConfigError(f"field {f.out_key!r} has a window and a delta_timestamps entry")
-            seconds = tuple(float(d) for d in deltas[f.out_key])
-            window = Window(seconds=seconds, tolerance_s=tolerance_s)
+            seconds: Any = deltas[f.out_key]
+            try:
+                window = Window(seconds=seconds, tolerance_s=tolerance_s)
+            except ConfigError as exc:
+                raise ConfigError(f"delta_timestamps[{f.out_key!r}]: {exc}") from None
         column = dataset.columns.get(f.path)
         if column is None and f.decode is None:
             raise ConfigError(
@@ -101,6 +129,12 @@ def resolve_fields(
                 f"(columns: {list(dataset.columns)})"
             )
         decoder = f.decode if f.decode is not None else default_decoder(column)  # type: ignore[arg-type]
+        check_decoder(decoder, column, f.out_key)
+        if window is not None and isinstance(decoder, TaskDecoder):
+            raise ConfigError(
+                f"field {f.out_key!r}: a task is one string per sample; windows do not apply "
+                "(remove its window or delta_timestamps entry)"
+            )
         if grid is None:
             if f.select is not None and column is None:
                 raise ConfigError(
@@ -224,9 +258,19 @@ def _grid_offsets(window: Window, grid: Grid, key: str) -> np.ndarray:
                 f"field {key!r}: timeline {grid.timeline!r} counts steps; give the window "
                 "as Window(steps=...)"
             )
-        return np.asarray([round(s * NS_PER_S) for s in window.seconds], dtype=np.int64)
-    assert window.steps is not None  # a Window has one of the two
-    return np.asarray(window.steps, dtype=np.int64) * grid.step
+        offsets = [
+            round(s * NS_PER_S) if math.isfinite(s) else MAX_OFFSET + 1 for s in window.seconds
+        ]
+    else:
+        assert window.steps is not None  # a Window has one of the two
+        offsets = [int(s) * grid.step for s in window.steps]
+    if any(abs(o) > MAX_OFFSET for o in offsets):
+        raise ConfigError(
+            f"field {key!r}: a window offset of {window.seconds or window.steps} is beyond the "
+            f"range of timeline {grid.timeline!r} (+-2**62 index units); use offsets within "
+            "the recordings' length"
+        )
+    return np.asarray(offsets, dtype=np.int64)
 
 
 class BatchPlanner:

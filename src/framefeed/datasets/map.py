@@ -9,6 +9,7 @@ asks for LeRobot's float output.
 
 from __future__ import annotations
 
+import operator
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
@@ -18,6 +19,7 @@ import torch
 import torch.utils.data
 
 from ..catalog import Dataset
+from ..errors import ConfigError
 from ..fields import Field
 from ..index import IndexSpec
 from ..nodecache import ColumnCache
@@ -79,7 +81,14 @@ class MapDataset(Serving, torch.utils.data.Dataset[dict[str, Any]]):
         return unbatch(self.get_batch(indices), len(indices))
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.__getitems__([int(index)])[0]
+        try:
+            number = operator.index(index)
+        except TypeError:
+            raise ConfigError(
+                f"a sample index is an integer, not {type(index).__name__} {index!r}; use "
+                "get_batch(indices) for several samples"
+            ) from None
+        return self.__getitems__([number])[0]
 
     def __enter__(self) -> MapDataset:
         return self

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -57,10 +58,21 @@ class Serving:
         self.column_cache = ColumnCache.resolve(column_cache)
         if image_dtype not in ("uint8", "float32"):
             raise ConfigError(f"image_dtype must be 'uint8' or 'float32', not {image_dtype!r}")
-        if tolerance_s <= 0:
-            raise ConfigError(f"tolerance_s must be positive, got {tolerance_s!r}")
-        if decode_threads is not None and decode_threads < 1:
-            raise ConfigError(f"decode_threads must be at least 1, got {decode_threads!r}")
+        tolerance: Any = tolerance_s
+        if not (isinstance(tolerance, numbers.Real) and float(tolerance) > 0):
+            raise ConfigError(
+                f"tolerance_s must be a positive number of seconds, got {tolerance!r}"
+            )
+        threads: Any = decode_threads
+        if threads is not None and (
+            isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or threads < 1
+        ):
+            raise ConfigError(f"decode_threads must be an integer >= 1, got {threads!r}")
+        given: Any = index
+        if given is not None and not isinstance(given, IndexSpec):
+            raise ConfigError(
+                f"index must be an IndexSpec, such as IndexSpec(window_mode='trim'), not {given!r}"
+            )
         self.dataset = open_dataset(source)
         self.tolerance_s = float(tolerance_s)
         self.image_dtype = image_dtype
@@ -87,6 +99,17 @@ class Serving:
         if self.dataset.selection is not None and self.dataset.selection.ranges:
             self.index = self.index.within(
                 self.dataset.selection.ranges, "the view's frame ranges hold no sample"
+            )
+        if len(self.index) == 0:
+            what = "view" if self.dataset.selection is not None else "dataset"
+            held = (
+                f"its {self.index.num_segments} selected segments hold no frames"
+                if self.index.num_segments
+                else "it selects no segment"
+            )
+            raise ConfigError(
+                f"{self.dataset.root}: no samples to serve from this {what}: {held}; select "
+                "episodes that have frames"
             )
         self._float_keys = [
             f.key
@@ -187,7 +210,7 @@ class Serving:
 
     def _fetch(self, indices: Sequence[int] | np.ndarray) -> dict[str, Any]:
         """Collated values of the samples ``indices`` (one read plan)."""
-        values = self._plan().run(np.asarray(indices, dtype=np.int64))
+        values = self._plan().run(batch_indices(indices, len(self.index)))
         if self.image_dtype == "float32":
             for key in self._float_keys:
                 values[key] = values[key].float().div_(255.0)
@@ -204,3 +227,29 @@ class Serving:
         if self._planner is not None and self._pid == os.getpid():
             self._planner.engine.close()
         self._planner = None
+
+
+def batch_indices(indices: Any, size: int) -> np.ndarray:
+    """A batch's sample numbers as int64, or a clear error for anything that is not a flat list
+    of integers (numbers past int64 are out of range: `IndexError`, as for one sample)."""
+    try:
+        idx = np.asarray(indices)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"a batch is a flat list of sample numbers, not {indices!r}") from exc
+    if idx.ndim != 1:
+        raise ConfigError(
+            f"a batch is a flat list of sample numbers, got shape {list(idx.shape)}"
+            + (" (use ds[i] for one sample)" if idx.ndim == 0 else "")
+        )
+    if idx.dtype.kind == "O" and all(
+        isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in idx.tolist()
+    ):
+        big = next(v for v in idx.tolist() if not -(2**63) <= v < 2**63)
+        raise IndexError(f"sample {big} out of range for an index of {size} samples")
+    if idx.size and idx.dtype.kind not in "iu":
+        raise ConfigError(
+            f"sample numbers must be integers, got {idx.dtype} values such as {idx[0]!r}"
+        )
+    if idx.dtype.kind == "u" and idx.size and int(idx.max()) >= 2**63:
+        raise IndexError(f"sample {int(idx.max())} out of range for an index of {size} samples")
+    return idx.astype(np.int64, copy=False)
