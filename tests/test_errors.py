@@ -246,3 +246,96 @@ def test_task_index_without_a_task(broken: Path) -> None:
     assert f"episode {episode}, frame 3" in msg
     assert "task_index 1" in msg
     assert "meta/tasks.parquet" in msg
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (lambda i: i.__setitem__("fps", "abc"), "fps must be a number"),
+        (lambda i: i.__setitem__("fps", None), "fps must be a number"),
+        (lambda i: i.__setitem__("fps", "nan"), "fps must be a positive number"),
+        (lambda i: i.__setitem__("total_frames", "x"), "total_frames must be a number"),
+        (lambda i: i["features"]["action"].__setitem__("shape", "x"), "feature 'action' has shape"),
+        (
+            lambda i: i["features"]["action"].__setitem__("shape", None),
+            "feature 'action' has shape",
+        ),
+        (
+            lambda i: i["features"]["action"].__setitem__("shape", [-1]),
+            "feature 'action' has shape",
+        ),
+        (
+            lambda i: i["features"]["action"].__setitem__("dtype", "object"),
+            "unknown dtype 'object'",
+        ),
+        (lambda i: i.__setitem__("data_path", "data/{nope}.parquet"), "data_path 'data/{nope}"),
+        (lambda i: i.__setitem__("data_path", "data/{chunk_index:q}"), "data_path 'data/{chunk"),
+        (lambda i: i.__setitem__("video_path", "videos/{chunk_index"), "video_path 'videos/{chunk"),
+    ],
+)
+def test_malformed_info_json(
+    tmp_path: Path, rollover_root: Path, change: Any, expected: str
+) -> None:
+    """Wrong types and templates in info.json are FormatErrors naming the key, not raw
+    ValueError/TypeError/KeyError from parsing them."""
+    root = copy_dataset(rollover_root, tmp_path / "ds", meta_only=True)
+    info = read_info(root)
+    change(info)
+    write_info(root, info)
+    with pytest.raises(FormatError) as err:
+        framefeed.open_dataset(root)
+    assert expected in str(err.value)
+    assert str(root / "meta" / "info.json") in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("column", "values", "expected"),
+    [
+        ("data/file_index", None, "'data/file_index' has 1 null values"),
+        ("episode_index", None, "'episode_index' has 1 null values"),
+        ("length", "12", "'length' holds string, expected integers"),
+    ],
+)
+def test_malformed_episodes_table(
+    tmp_path: Path, rollover_root: Path, column: str, values: Any, expected: str
+) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = copy_dataset(rollover_root, tmp_path / "ds", meta_only=True)
+    path = sorted((root / "meta" / "episodes").glob("*/*.parquet"))[0]
+    table = pq.read_table(path)
+    col = table.column(column).to_pylist()
+    col[0] = values
+    typ = pa.string() if isinstance(values, str) else table.schema.field(column).type
+    if isinstance(values, str):
+        col = [str(v) for v in col]
+    table = table.set_column(table.column_names.index(column), column, pa.array(col, typ))
+    pq.write_table(table, path)
+    with pytest.raises(FormatError) as err:
+        framefeed.open_dataset(root)
+    assert expected in str(err.value)
+    assert str(root / "meta" / "episodes") in str(err.value)
+
+
+def test_empty_tasks_table(tmp_path: Path, rollover_root: Path) -> None:
+    import pyarrow.parquet as pq
+
+    root = copy_dataset(rollover_root, tmp_path / "ds", meta_only=True)
+    path = root / "meta" / "tasks.parquet"
+    pq.write_table(pq.read_table(path).slice(0, 0), path)
+    with pytest.raises(FormatError, match="the tasks table is empty") as err:
+        framefeed.open_dataset(root)
+    assert str(path) in str(err.value)
+
+
+def test_bad_numeric_column_names_its_data_file(broken: Path) -> None:
+    info = read_info(broken)
+    info["features"]["action"]["shape"] = [7]
+    write_info(broken, info)
+    err = _error_of(broken, 0)
+    assert isinstance(err, FormatError)
+    msg = str(err)
+    assert str(broken / "data" / "chunk-000" / "file-000.parquet") in msg
+    assert "'action'" in msg
+    assert "declared shape [7]" in msg

@@ -193,7 +193,10 @@ class ColumnStore:
                     if col.kind is not ColumnKind.NUMERIC:
                         parts[col.path].extend(piece.column(col.path).chunks)
                         continue
-                    values = self._numeric(piece.column(_base_path(col)), col)
+                    try:
+                        values = self._numeric(piece.column(_base_path(col)), col)
+                    except FormatError as exc:
+                        raise FormatError(f"{where}: {exc}") from exc
                     if col.path not in numeric:
                         shape = (self.num_rows, *values.shape[1:])
                         numeric[col.path] = np.empty(shape, dtype=values.dtype)
@@ -439,7 +442,8 @@ def arrow_to_numpy(chunks: pa.ChunkedArray | pa.Array, col: Column) -> np.ndarra
     per_row = int(np.prod(shape)) if shape else 1
     if values.shape[0] != n * per_row:
         raise FormatError(
-            f"column {col.path!r}: expected {per_row} values per row (shape {list(shape)}), found "
+            f"column {col.path!r}: expected {per_row} values per row (declared shape "
+            f"{list(shape)}), found "
             f"{values.shape[0]} values in {n} rows"
         )
     out_shape = (n,) if shape in ((1,), ()) else (n, *shape)

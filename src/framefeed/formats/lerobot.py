@@ -10,7 +10,8 @@ are never read.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -51,19 +52,24 @@ def open_lerobot(storage: Storage) -> Dataset:
     for key in ("fps", "features", "data_path"):
         if key not in info:
             raise FormatError(f"{where}: missing key {key!r}")
-    fps = float(info["fps"])
-    if fps <= 0:
-        raise FormatError(f"{where}: fps must be positive, got {info['fps']!r}")
+    fps = _number(info["fps"], "fps", where)
+    if not (math.isfinite(fps) and fps > 0):
+        raise FormatError(f"{where}: fps must be a positive number, got {info['fps']!r}")
     columns = _columns(info["features"], where)
     tasks = _read_tasks(storage)
     video_keys = [c.path for c in columns.values() if c.kind is ColumnKind.VIDEO]
     if video_keys and not info.get("video_path"):
         raise FormatError(f"{where}: features {video_keys} are videos but video_path is null")
     table = _read_episodes(storage, video_keys)
-    table = _add_paths(table, info, video_keys)
+    if table.num_rows and not tasks:
+        raise FormatError(
+            f"{storage.url(TASKS)}: the tasks table is empty, but the dataset has "
+            f"{table.num_rows} episodes; every frame's task_index names a task there"
+        )
+    table = _add_paths(table, info, video_keys, where)
     total = info.get("total_frames")
     n_frames = int(pc.sum(table.column("length")).as_py() or 0)
-    if total is not None and int(total) != n_frames:
+    if total is not None and _number(total, "total_frames", where) != n_frames:
         raise FormatError(
             f"{where}: total_frames is {total} but the episodes in meta/episodes add up to "
             f"{n_frames} frames; the metadata is inconsistent"
@@ -82,6 +88,15 @@ def open_lerobot(storage: Storage) -> Dataset:
         segments=table,
         info=info,
     )
+
+
+def _number(value: Any, key: str, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise FormatError(f"{where}: {key} must be a number, got {value!r}")
+    try:
+        return float(value)
+    except ValueError:
+        raise FormatError(f"{where}: {key} must be a number, got {value!r}") from None
 
 
 def _check_version(version: str, where: str) -> None:
@@ -108,7 +123,17 @@ def _columns(features: Any, where: str) -> dict[str, Column]:
         if not isinstance(spec, Mapping) or "dtype" not in spec or "shape" not in spec:
             raise FormatError(f"{where}: feature {name!r} needs 'dtype' and 'shape'")
         dtype = str(spec["dtype"])
-        shape = tuple(int(s) for s in spec["shape"])
+        raw = spec["shape"]
+        if (
+            isinstance(raw, str)
+            or not isinstance(raw, Sequence)
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in raw)
+        ):
+            raise FormatError(
+                f"{where}: feature {name!r} has shape {raw!r}; expected a list of positive "
+                "integers such as [6] or [480, 640, 3]"
+            )
+        shape = tuple(int(s) for s in raw)
         info = dict(spec.get("info") or {})
         if dtype == "video":
             kind, dtype = ColumnKind.VIDEO, "uint8"
@@ -118,11 +143,14 @@ def _columns(features: Any, where: str) -> dict[str, Column]:
             kind = ColumnKind.TEXT
         else:
             try:
-                np.dtype(dtype)
+                numeric = np.dtype(dtype).kind in "biuf"
             except TypeError:
+                numeric = False
+            if not numeric:
                 raise FormatError(
-                    f"{where}: feature {name!r} has unknown dtype {dtype!r}"
-                ) from None
+                    f"{where}: feature {name!r} has unknown dtype {dtype!r}; expected video, "
+                    "image, string or a numeric dtype such as float32, int64 or bool"
+                )
             kind = ColumnKind.NUMERIC
         if kind in (ColumnKind.VIDEO, ColumnKind.IMAGE) and len(shape) != 3:
             raise FormatError(f"{where}: {kind.value} feature {name!r} needs shape [H, W, C]")
@@ -195,6 +223,15 @@ def _read_episodes(storage: Storage, video_keys: list[str]) -> pa.Table:
         except (pa.ArrowException, OSError) as exc:
             raise FormatError(f"{where}: unreadable parquet ({exc})") from exc
     table = pa.concat_tables(parts, promote_options="default")
+    url = storage.url("meta/episodes")
+    for name in required:
+        col = table.column(name)
+        if col.null_count:
+            raise FormatError(f"{url}: column {name!r} has {col.null_count} null values")
+        numeric = pa.types.is_floating if name.endswith("_timestamp") else pa.types.is_integer
+        if not numeric(col.type):
+            kind = "numbers" if name.endswith("_timestamp") else "integers"
+            raise FormatError(f"{url}: column {name!r} holds {col.type}, expected {kind}")
     ids = np.asarray(table.column("episode_index").to_numpy(), dtype=np.int64)
     if ids.size > 1 and not np.all(np.diff(ids) > 0):
         raise FormatError(
@@ -216,12 +253,15 @@ def _read_episodes(storage: Storage, video_keys: list[str]) -> pa.Table:
 _VIDEO_COLUMNS = ("chunk_index", "file_index", "from_timestamp", "to_timestamp")
 
 
-def _add_paths(table: pa.Table, info: Mapping[str, Any], video_keys: list[str]) -> pa.Table:
+def _add_paths(
+    table: pa.Table, info: Mapping[str, Any], video_keys: list[str], where: str
+) -> pa.Table:
     data_tpl = str(info["data_path"])
     chunks = table.column("data/chunk_index").to_pylist()
     files = table.column("data/file_index").to_pylist()
     data = [
-        data_tpl.format(chunk_index=c, file_index=f) for c, f in zip(chunks, files, strict=True)
+        _fill(data_tpl, "data_path", where, chunk_index=c, file_index=f)
+        for c, f in zip(chunks, files, strict=True)
     ]
     table = table.append_column("_data_path", pa.array(data, pa.string()))
     video_tpl = str(info.get("video_path") or "")
@@ -229,8 +269,19 @@ def _add_paths(table: pa.Table, info: Mapping[str, Any], video_keys: list[str]) 
         chunks = table.column(f"videos/{key}/chunk_index").to_pylist()
         files = table.column(f"videos/{key}/file_index").to_pylist()
         paths = [
-            video_tpl.format(video_key=key, chunk_index=c, file_index=f)
+            _fill(video_tpl, "video_path", where, video_key=key, chunk_index=c, file_index=f)
             for c, f in zip(chunks, files, strict=True)
         ]
         table = table.append_column(f"_video_path/{key}", pa.array(paths, pa.string()))
     return table
+
+
+def _fill(template: str, key: str, where: str, **values: Any) -> str:
+    """A file path from an info.json path template, or a `FormatError` naming the template."""
+    try:
+        return template.format(**values)
+    except (KeyError, IndexError, ValueError, AttributeError) as exc:
+        raise FormatError(
+            f"{where}: {key} {template!r} is not a path template of {sorted(values)} "
+            f"(such as {{chunk_index:03d}}): {type(exc).__name__}: {exc}"
+        ) from None
