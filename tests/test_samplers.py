@@ -412,3 +412,47 @@ def test_load_state_dict_rejects_foreign_states() -> None:
 def test_bad_arguments_raise_config_error(build: Callable[[], object]) -> None:
     with pytest.raises(ConfigError):
         build()
+
+
+@pytest.mark.parametrize(
+    ("build", "expected"),
+    [
+        (lambda: ShardedShuffleSampler(10, seed="a"), "seed must be an int"),
+        (lambda: ShardedShuffleSampler(10, seed=1.5), "seed must be an int"),
+        (lambda: ShardedShuffleSampler(10, rank=None, world_size=2), "rank must be an int"),
+        (lambda: ShardedShuffleSampler(10.5), "num_samples must be an int"),
+        (lambda: ShardedShuffleSampler("10"), "num_samples must be an int"),
+        (lambda: EpisodeAwareSampler(["a"]), "episode lengths must be integers"),
+        (lambda: EpisodeAwareSampler([2.5]), "episode lengths must be integers"),
+        (lambda: SequenceSampler([[1, 2], [3]], batch_size=2), "episode lengths must be integers"),
+        (lambda: WeightedSampler([["a"]], [1.0], num_samples=3), "group 0 must be integers"),
+        (lambda: WeightedSampler([[-1]], [1.0], num_samples=3), "negative sample numbers"),
+        (lambda: WeightedSampler([[0]], ["a"], num_samples=3), "weights must be numbers"),
+        (lambda: WeightedSampler([[0]], [1.0], num_samples=2.5), "num_samples must be an int"),
+    ],
+)
+def test_bad_argument_types_are_config_errors(build: Callable[[], Any], expected: str) -> None:
+    """Not a TypeError from a comparison, a numpy error at the first epoch, or a silent
+    truncation of 1.5 to 1."""
+    with pytest.raises(ConfigError, match=expected):
+        build()
+
+
+def test_a_dataset_is_not_taken_for_episode_lengths() -> None:
+    """``EpisodeAwareSampler(dataset)`` used to iterate (decode) every sample before failing."""
+
+    class Dataset(torch.utils.data.Dataset[int]):
+        fetched = 0
+
+        def __len__(self) -> int:
+            return 3
+
+        def __getitem__(self, i: int) -> int:
+            if i >= 3:
+                raise IndexError(i)
+            Dataset.fetched += 1
+            return i
+
+    with pytest.raises(ConfigError, match=r"ds\.index"):
+        EpisodeAwareSampler(Dataset())
+    assert Dataset.fetched == 0

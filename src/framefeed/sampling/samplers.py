@@ -28,7 +28,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
-from torch.utils.data import Sampler
+from torch.utils.data import Dataset, Sampler
 
 from ..errors import ConfigError
 
@@ -59,7 +59,14 @@ def as_offsets(layout: Layout) -> IntArray:
         if np.any(np.diff(offsets) < 0):
             raise ConfigError("offsets must not decrease (episode lengths must be >= 0)")
         return offsets
-    lengths = np.asarray(layout, dtype=np.int64)
+    given: Any = layout
+    if isinstance(given, Dataset):
+        # np.asarray would iterate it: a MapDataset would decode every sample first.
+        raise ConfigError(
+            "episode lengths must be a list or array of ints, or an object with offsets such as "
+            f"a MapDataset's index (EpisodeAwareSampler(ds.index)), not a {type(given).__name__}"
+        )
+    lengths = _int_array(given, "episode lengths")
     if lengths.ndim != 1:
         raise ConfigError(f"episode lengths must be one-dimensional, got shape {lengths.shape}")
     if lengths.size and lengths.min() < 0:
@@ -69,8 +76,26 @@ def as_offsets(layout: Layout) -> IntArray:
     return out
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def _int_array(values: Any, what: str) -> IntArray:
+    """``values`` as int64, or a `ConfigError` for non-integers (never a silent truncation)."""
+    try:
+        arr = np.asarray(values)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{what} must be integers, got {values!r}") from exc
+    if arr.size and arr.dtype.kind not in "iu":
+        raise ConfigError(f"{what} must be integers, got {arr.dtype} values such as {values!r}")
+    return arr.astype(np.int64)
+
+
 def check_shard(seed: int, rank: int, world_size: int) -> None:
     """Validate the arguments every sampler shares."""
+    for name, value in (("seed", seed), ("rank", rank), ("world_size", world_size)):
+        if not _is_int(value):
+            raise ConfigError(f"{name} must be an int, got {value!r}")
     if seed < 0:
         raise ConfigError(f"seed must be >= 0, got {seed}")
     if world_size < 1:
@@ -208,8 +233,11 @@ class ShardedShuffleSampler(EpochSampler[int]):
         drop_last: bool = False,
     ) -> None:
         super().__init__(seed=seed, rank=rank, world_size=world_size)
-        if num_samples < 0:
-            raise ConfigError(f"num_samples must be >= 0, got {num_samples}")
+        if not _is_int(num_samples) or num_samples < 0:
+            raise ConfigError(
+                "num_samples must be an int >= 0 (len(dataset)), got "
+                + (repr(num_samples) if _is_int(num_samples) else f"a {type(num_samples).__name__}")
+            )
         if batch_size is not None and batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         self.num_samples = int(num_samples)
@@ -296,8 +324,14 @@ class WeightedSampler(EpochSampler[int]):
         world_size: int = 1,
     ) -> None:
         super().__init__(seed=seed, rank=rank, world_size=world_size)
-        self.groups = [np.asarray(g, dtype=np.int64).reshape(-1) for g in groups]
-        w = np.asarray(weights, dtype=np.float64)
+        self.groups = [_int_array(g, f"group {i}").reshape(-1) for i, g in enumerate(groups)]
+        negative = [i for i, g in enumerate(self.groups) if g.size and g.min() < 0]
+        if negative:
+            raise ConfigError(f"group {negative[0]} holds negative sample numbers")
+        try:
+            w = np.asarray(weights, dtype=np.float64)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"weights must be numbers, got {weights!r}") from exc
         if w.shape != (len(self.groups),):
             raise ConfigError(f"{len(self.groups)} groups but {w.size} weights")
         if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
@@ -305,8 +339,8 @@ class WeightedSampler(EpochSampler[int]):
         empty = [g for g, grp in enumerate(self.groups) if grp.size == 0 and w[g] > 0]
         if empty:
             raise ConfigError(f"groups {empty} are empty but have a weight > 0")
-        if num_samples < 0:
-            raise ConfigError(f"num_samples must be >= 0, got {num_samples}")
+        if not _is_int(num_samples) or num_samples < 0:
+            raise ConfigError(f"num_samples must be an int >= 0, got {num_samples!r}")
         self.probabilities = w / w.sum()
         self.num_samples = int(num_samples)
         self.replacement = replacement
