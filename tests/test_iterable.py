@@ -399,3 +399,25 @@ def test_a_dataset_pickles_outside_worker_start(stream_root: Path) -> None:
     assert _indices(copy) == _indices(ds)
     copy.set_epoch(4)
     assert ds.epoch == 3  # the copy has counters of its own
+
+
+@pytest.mark.parametrize("seed", [-1, 1.5, "a", None])
+def test_bad_seed_is_a_config_error(plain_root: Path, seed: Any) -> None:
+    """Refused when the dataset is built, not a numpy ValueError at the first epoch."""
+    with pytest.raises(framefeed.ConfigError, match="seed must be an int >= 0"):
+        framefeed.IterableDataset(plain_root, seed=seed)
+
+
+def test_negative_epoch_is_a_config_error(plain_root: Path) -> None:
+    ds = framefeed.IterableDataset(plain_root)
+    with pytest.raises(framefeed.ConfigError, match="epoch must be an int >= 0"):
+        ds.set_epoch(-1)
+    assert ds.epoch == 0
+    ds.close()
+
+
+def test_merge_worker_states_names_what_it_takes() -> None:
+    with pytest.raises(framefeed.ConfigError, match="state_dict"):
+        merge_worker_states([{}])
+    with pytest.raises(framefeed.ConfigError, match="state_dict"):
+        merge_worker_states([{"worker": 0}])

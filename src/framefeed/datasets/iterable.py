@@ -47,6 +47,11 @@ FIRST_BATCH_WAIT_S = 3.0
 """Bytes of whole-episode video kept per consumer when streaming from a remote store."""
 
 
+def _is_count(value: object) -> bool:
+    """An int (not a bool) >= 0: seeds and epochs."""
+    return isinstance(value, int | np.integer) and not isinstance(value, bool) and bool(value >= 0)
+
+
 def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
     """Rank and world size from the arguments, ``torch.distributed``, or RANK / WORLD_SIZE."""
     if rank is not None or world_size is not None:
@@ -80,6 +85,13 @@ def merge_worker_states(
         states = [snap["dataset_state"] for snap in snapshots.values()]
     if not states:
         raise ConfigError("no worker states to merge")
+    keys = ("worker", "num_workers", "layers", "epoch", "yielded")
+    for s in states:
+        if not isinstance(s, Mapping) or any(k not in s for k in keys):
+            raise ConfigError(
+                "merge_worker_states takes the state_dict()s of an IterableDataset's workers "
+                f"(with keys {list(keys)}), got {s!r}"
+            )
     by_worker = sorted(states, key=lambda s: int(s["worker"]))
     num_workers = int(by_worker[0]["num_workers"])
     if [int(s["worker"]) for s in by_worker] != list(range(num_workers)):
@@ -129,6 +141,8 @@ class IterableDataset(Serving, torch.utils.data.IterableDataset[Any]):
             raise ConfigError("episode_pool_size and fetch_size must be >= 1, prefetch >= 0")
         if batch_size is not None and batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
+        if not _is_count(seed):
+            raise ConfigError(f"seed must be an int >= 0, got {seed!r}")
         try:
             self.uneven = Uneven(uneven)
         except ValueError:
@@ -191,6 +205,8 @@ class IterableDataset(Serving, torch.utils.data.IterableDataset[Any]):
 
     def set_epoch(self, epoch: int) -> None:
         """Use epoch ``epoch``'s order from the next iteration on (also in persistent workers)."""
+        if not _is_count(epoch):
+            raise ConfigError(f"epoch must be an int >= 0, got {epoch!r}")
         self._shared_epoch.value = int(epoch)
 
     def _consumer(self) -> tuple[int, int]:
