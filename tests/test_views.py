@@ -190,3 +190,60 @@ def test_mixture_key_checks(rollover_root: Path, plain_root: Path) -> None:
     shapes = Mixture([MixturePart(dataset=a), MixturePart(dataset=c)])
     with pytest.raises(ConfigError, match="shapes"):
         shapes.get_batch([0, len(a)])
+
+
+def test_mixture_argument_errors(plain_root: Path) -> None:
+    a = framefeed.MapDataset(plain_root, fields=[Field("action"), Field("observation.state")])
+    with pytest.raises(ConfigError, match=r"two keys are called \['observation\.state'\]"):
+        # 'action' would silently overwrite 'observation.state' in every sample
+        Mixture([MixturePart(dataset=a, rename={"action": "observation.state"})])
+    b = framefeed.MapDataset(plain_root, fields=[Field("next.reward")])
+    with pytest.raises(ConfigError, match="no key in common"):
+        Mixture([MixturePart(dataset=a), MixturePart(dataset=b)], keys="common")
+    with pytest.raises(ConfigError, match="MixturePart"):
+        Mixture([a])  # type: ignore[list-item]
+    with pytest.raises(ConfigError, match="MixturePart"):
+        Mixture([MixturePart(dataset=str(plain_root))])  # type: ignore[arg-type]
+
+
+def test_mixture_indices(plain_root: Path) -> None:
+    a = framefeed.MapDataset(plain_root, fields=[Field("index")], episodes=[0])
+    m = Mixture([MixturePart(dataset=a), MixturePart(dataset=a)])
+    n = len(m)
+    assert int(m[-1]["source"]) == 1
+    assert int(m[-1]["index"]) == int(m[n - 1]["index"])
+    with pytest.raises(IndexError, match=f"sample {n} out of range"):
+        m[n]
+    with pytest.raises(ConfigError, match="a sample index is an integer"):
+        m[1.5]  # type: ignore[index]
+    empty = m.get_batch([])
+    assert empty["index"].shape == (0,)
+    assert empty["source"].shape == (0,)
+
+
+def test_select_argument_errors(ds: framefeed.Dataset, tmp_path: Path) -> None:
+    first = int(ds.segment_ids[0])
+    length = int(ds.lengths[0])
+    with pytest.raises(ConfigError, match="integer episode ids"):
+        ds.select(episodes=["a"])
+    with pytest.raises(ConfigError, match="list of episode ids"):
+        ds.select(episodes=5)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"maps episode ids to \(start, stop\)"):
+        ds.select(frames=[(0, 1)])  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"\(start, stop\) in whole frames"):
+        ds.select(frames={first: 5})  # type: ignore[dict-item]
+    # a range past the episode's end used to leave the episode silently empty
+    with pytest.raises(ConfigError, match=f"episode {first} has {length} frames"):
+        ds.select(frames={first: (length, length + 10)})
+    with pytest.raises(ConfigError, match="no samples to serve from this view"):
+        framefeed.MapDataset(ds.filter(pc.field("length") > 10**6))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(framefeed.StorageError, match="cannot save view"):
+        ds.select(episodes=[first]).save_view("v", folder=tmp_path / "file" / "sub")
+
+
+def test_with_metadata_needs_a_table_of_integer_ids(ds: framefeed.Dataset) -> None:
+    with pytest.raises(ConfigError, match=r"pyarrow\.Table"):
+        ds.with_metadata({"episode_index": [0]})  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="integer segment ids"):
+        ds.with_metadata(pa.table({"episode_index": ["a"], "x": [1]}))

@@ -259,8 +259,18 @@ class Dataset:
         """
         import pyarrow as pa
 
+        if not isinstance(table, pa.Table):
+            raise ConfigError(
+                "with_metadata takes a pyarrow.Table (pa.table({...})), "
+                f"not {type(table).__name__}"
+            )
         if on not in table.column_names:
             raise ConfigError(f"with_metadata: the table has no column {on!r} to join on")
+        if not pa.types.is_integer(table.schema.field(on).type):
+            raise ConfigError(
+                f"with_metadata: column {on!r} must hold integer segment ids, "
+                f"not {table.schema.field(on).type}"
+            )
         ids = np.asarray(table.column(on).to_numpy(zero_copy_only=False), dtype=np.int64)
         if np.unique(ids).size != ids.size:
             raise ConfigError(f"with_metadata: column {on!r} repeats segment ids")

@@ -15,8 +15,9 @@ from __future__ import annotations
 import copy
 import datetime
 import json
+import numbers
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -24,7 +25,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .catalog import TimelineKind
-from .errors import ConfigError, FormatError
+from .errors import ConfigError, FormatError, StorageError
+from .index import episode_ids
 
 if TYPE_CHECKING:
     from .catalog import Dataset
@@ -144,19 +146,39 @@ def select_view(
     if episodes is None:
         chosen = current
     else:
-        ids = [int(e) for e in episodes]
+        ids = episode_ids(episodes, "select(episodes=...)").tolist()
         chosen = np.asarray([dataset.position_of(i) for i in ids], dtype=np.int64)
         outside = np.setdiff1d(chosen, current)
         if outside.size:
             bad = dataset.segment_ids[outside][:10].tolist()
             raise ConfigError(f"{dataset.root}: episodes {bad} are not in this view")
     ranges: dict[int, tuple[int, int]] = {}
+    if frames is not None and not isinstance(frames, Mapping):
+        raise ConfigError(
+            f"select(frames=...) maps episode ids to (start, stop), such as {{3: (0, 100)}}, "
+            f"not {frames!r}"
+        )
     for seg_id, bounds in (frames or {}).items():
-        pos = dataset.position_of(int(seg_id))
+        pos = dataset.position_of(int(episode_ids([seg_id], "select(frames=...)")[0]))
+        if (
+            isinstance(bounds, str | bytes)
+            or not isinstance(bounds, Sequence)
+            or len(bounds) != 2
+            or not all(isinstance(v, numbers.Integral) for v in bounds)
+        ):
+            raise ConfigError(
+                f"episode {seg_id}: a frame range is (start, stop) in whole frames, not {bounds!r}"
+            )
         start, stop = (int(v) for v in bounds)
         if not 0 <= start < stop:
             raise ConfigError(
                 f"episode {seg_id}: frame range {bounds!r} must satisfy 0 <= start < stop"
+            )
+        length = int(dataset.lengths[pos])
+        if not dataset.is_recording and start >= length:
+            raise ConfigError(
+                f"{dataset.root}: episode {seg_id} has {length} frames, so frame range "
+                f"{tuple(bounds)} holds none of them; start below {length}"
             )
         ranges[pos] = (start, stop)
     parts = []
@@ -252,12 +274,17 @@ def save_view(dataset: Dataset, name: str, folder: str | os.PathLike[str] | None
         local = os.path.join(dataset.root, VIEW_DIR)
         can_write = dataset.storage.is_local and os.access(dataset.root, os.W_OK)
         folder = local if can_write else views_folder()
-    os.makedirs(folder, exist_ok=True)
     path = os.path.join(os.fspath(folder), f"{name}.json")
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump(record, fh, indent=1)
-    os.replace(tmp, path)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(tmp, "w") as fh:
+            json.dump(record, fh, indent=1)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise StorageError(
+            f"{path}: cannot save view {name!r} ({exc}); pass a writable folder="
+        ) from exc
     return path
 
 

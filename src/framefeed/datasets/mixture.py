@@ -10,6 +10,7 @@ loader issue's guarantees: a pure function of (seed, epoch, rank), exact resume.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -21,6 +22,7 @@ import torch.utils.data
 from ..errors import ConfigError
 from ..sampling.samplers import WeightedSampler
 from .map import MapDataset, unbatch
+from .serving import batch_indices
 
 __all__ = ["Mixture", "MixturePart"]
 
@@ -55,12 +57,24 @@ class Mixture(torch.utils.data.Dataset[dict[str, Any]]):
             raise ConfigError("a Mixture needs at least one part")
         if keys not in ("same", "common"):
             raise ConfigError(f"keys must be 'same' or 'common', not {keys!r}")
+        for i, part in enumerate(parts):
+            if not isinstance(part, MixturePart) or not isinstance(part.dataset, MapDataset):
+                raise ConfigError(
+                    f"mixture part {i} must be a MixturePart(dataset=MapDataset(...)), not {part!r}"
+                )
         self.parts = list(parts)
         self._renames = [_full_rename(p) for p in self.parts]
         key_sets = [
             [r.get(k, k) for k in p.dataset.output_keys()]
             for p, r in zip(self.parts, self._renames, strict=True)
         ]
+        for i, ks in enumerate(key_sets):
+            twice = sorted({k for k in ks if ks.count(k) > 1})
+            if twice:
+                raise ConfigError(
+                    f"mixture part {i}: after rename two keys are called {twice}; one would "
+                    "overwrite the other, so rename to keys the part does not already produce"
+                )
         common = set(key_sets[0]).intersection(*key_sets[1:])
         if keys == "same":
             for i, ks in enumerate(key_sets[1:], start=1):
@@ -72,6 +86,11 @@ class Mixture(torch.utils.data.Dataset[dict[str, Any]]):
                         f"{only0}; rename them (MixturePart(rename=...)) or use keys='common'"
                     )
         self.keys = [k for k in key_sets[0] if k in common]
+        if not self.keys:
+            raise ConfigError(
+                "the mixture's parts have no key in common; rename them "
+                "(MixturePart(rename=...)) so that the keys to train on match"
+            )
         if SOURCE_KEY in common:
             raise ConfigError(f"the key {SOURCE_KEY!r} is reserved for the part number")
         sizes = np.asarray([len(p.dataset) for p in self.parts], dtype=np.int64)
@@ -113,9 +132,18 @@ class Mixture(torch.utils.data.Dataset[dict[str, Any]]):
 
     def get_batch(self, indices: Sequence[int] | np.ndarray) -> dict[str, Any]:
         """A collated batch in the order of ``indices``, plus ``source`` (the part numbers)."""
-        idx = np.asarray(indices, dtype=np.int64)
-        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
-            raise IndexError(f"sample out of range for a mixture of {len(self)} samples")
+        idx = batch_indices(indices, len(self))
+        outside = (idx < -len(self)) | (idx >= len(self))
+        if outside.any():
+            bad = int(idx[outside][0])
+            raise IndexError(f"sample {bad} out of range for a mixture of {len(self)} samples")
+        idx = np.where(idx < 0, idx + len(self), idx)
+        if idx.size == 0:
+            empty = self.parts[0].dataset.get_batch(idx)
+            renamed = {self._renames[0].get(k, k): v for k, v in empty.items()}
+            nothing = {k: renamed[k] for k in self.keys}
+            nothing[SOURCE_KEY] = torch.from_numpy(idx)
+            return nothing
         part = np.searchsorted(self.offsets, idx, side="right") - 1
         pieces: list[tuple[np.ndarray, dict[str, Any]]] = []
         for p in np.unique(part).tolist():
@@ -146,7 +174,14 @@ class Mixture(torch.utils.data.Dataset[dict[str, Any]]):
         return unbatch(self.get_batch(indices), len(indices))
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.__getitems__([int(index)])[0]
+        try:
+            number = operator.index(index)
+        except TypeError:
+            raise ConfigError(
+                f"a sample index is an integer, not {type(index).__name__} {index!r}; use "
+                "get_batch(indices) for several samples"
+            ) from None
+        return self.__getitems__([number])[0]
 
 
 def _full_rename(part: MixturePart) -> dict[str, str]:
