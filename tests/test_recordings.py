@@ -348,3 +348,66 @@ def test_inspect_summarises_a_recording() -> None:
     assert "log_time     time" in text and "segments 1.99-2.99 s" in text
     assert "step         sequence  segments 200-300 steps" in text
     assert "/state" in text and "numeric" in text
+
+
+def _small(n: int = 4, start: int = 0) -> dict[str, Stream]:
+    return {
+        "/x": Stream(
+            values=np.arange(n, dtype=np.float32),
+            index={"log_time": start + np.arange(n) * 10**7, "step": np.arange(n)},
+        )
+    }
+
+
+@pytest.mark.parametrize(
+    ("build", "expected"),
+    [
+        (lambda: from_streams([_small()], timelines={}), "at least one timeline"),
+        (lambda: from_streams([_small()], timelines={"step": "clock"}), "TimelineKind"),
+        (lambda: from_streams([[1, 2]], timelines=TIMELINES), "segment 0 must map"),  # type: ignore[list-item]
+        (lambda: from_streams([{"/x": np.zeros(3)}], timelines=TIMELINES), "expected a Stream"),  # type: ignore[dict-item]
+        (
+            lambda: from_streams([_small(), _small()], timelines=TIMELINES, segment_ids=[1, 1]),
+            "repeat an id",
+        ),
+        (
+            lambda: from_streams([_small()], timelines=TIMELINES, segment_ids=["a"]),  # type: ignore[list-item]
+            "integer episode ids",
+        ),
+        (
+            lambda: from_streams(
+                [{"/y": Stream(values=[1, "a"], index={"log_time": [0, 1], "step": [0, 1]})}],
+                timelines=TIMELINES,
+            ),
+            "mixed or unsupported types",
+        ),
+    ],
+)
+def test_from_streams_argument_errors(build: object, expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        build()  # type: ignore[operator]
+
+
+def test_segment_without_a_column_names_it() -> None:
+    """A segment that never logged a column: a FormatError naming it (was a KeyError)."""
+    other = {"/y": Stream(values=np.zeros(2), index={"log_time": [0, 1], "step": [0, 1]})}
+    rec = from_streams([_small(), other], timelines=TIMELINES, segment_ids=[3, 7])
+    with (
+        framefeed.MapDataset(rec, fields=[Field("/x")]) as ds,
+        pytest.raises(framefeed.FormatError, match=r"segment 7 has no rows of column '/x'"),
+    ):
+        ds.get_batch(np.arange(len(ds)))
+
+
+def test_window_beyond_the_timeline_range_is_a_config_error() -> None:
+    rec = from_streams([_small()], timelines=TIMELINES)
+    spec = IndexSpec(timeline="log_time", sampling=FixedRateSampling(100.0))
+    with pytest.raises(ConfigError, match=r"field '/x'.*beyond the range"):
+        framefeed.MapDataset(rec, index=spec, delta_timestamps={"/x": [1e12]})
+
+
+def test_image_decoder_needs_a_frame_shape() -> None:
+    blobs = {"/img": Stream(values=[b"a", b"b"], index={"log_time": [0, 1], "step": [0, 1]})}
+    rec = from_streams([blobs], timelines=TIMELINES)
+    with pytest.raises(ConfigError, match=r"'shape': \(H, W, 3\)"):
+        framefeed.MapDataset(rec)

@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from .catalog import Column, ColumnKind, Dataset, Timeline, TimelineKind
 from .errors import ConfigError, FormatError
+from .index import episode_ids
 
 __all__ = [
     "ColumnRows",
@@ -138,13 +139,23 @@ class Stream:
 
 
 class _MemorySource:
-    def __init__(self, segments: Sequence[Mapping[str, tuple[dict[str, np.ndarray], pa.Array]]]):
+    def __init__(
+        self,
+        segments: Sequence[Mapping[str, tuple[dict[str, np.ndarray], pa.Array]]],
+        types: Mapping[str, pa.DataType] | None = None,
+    ):
         self.segments = segments
+        self.types = dict(types or {})
+        """Arrow type of each column, for the empty rows of a segment that lacks it."""
 
     def read(self, position: int, paths: Sequence[str], timeline: str) -> dict[str, ColumnRows]:
         seg = self.segments[position]
         out: dict[str, ColumnRows] = {}
         for path in paths:
+            if path not in seg:  # this segment never logged the column: no rows
+                empty = pa.array([], type=self.types.get(path, pa.null()))
+                out[path] = ColumnRows(index=np.zeros(0, dtype=np.int64), values=empty)
+                continue
             index, values = seg[path]
             if timeline not in index:
                 raise FormatError(f"column {path!r} has no values on timeline {timeline!r}")
@@ -164,14 +175,28 @@ def from_streams(
     """
     if not segments:
         raise ConfigError("from_streams needs at least one segment")
+    if not timelines:
+        raise ConfigError(
+            "from_streams needs at least one timeline, such as {'step': TimelineKind.SEQUENCE}"
+        )
+    try:
+        timelines = {str(t): TimelineKind(k) for t, k in timelines.items()}
+    except ValueError as exc:
+        raise ConfigError(f"from_streams: timelines map names to TimelineKind ({exc})") from None
     prepared: list[dict[str, tuple[dict[str, np.ndarray], pa.Array]]] = []
     columns: dict[str, Column] = {}
     ranges: dict[str, tuple[list[int], list[int]]] = {t: ([], []) for t in timelines}
     lengths: list[int] = []
     for pos, seg in enumerate(segments):
         rows: dict[str, tuple[dict[str, np.ndarray], pa.Array]] = {}
+        if not isinstance(seg, Mapping):
+            raise ConfigError(
+                f"{name}: segment {pos} must map column paths to Streams, not {type(seg).__name__}"
+            )
         for path, stream in seg.items():
             where = f"{name}: segment {pos}, column {path!r}"
+            if not isinstance(stream, Stream):
+                raise ConfigError(f"{where}: expected a Stream, not {type(stream).__name__}")
             values, column = _to_arrow(stream, path, where)
             known = columns.setdefault(path, column)
             if known.kind is not column.kind or known.shape != column.shape:
@@ -200,11 +225,17 @@ def from_streams(
             ranges[tl][1].append(int(max(lasts)))
         lengths.append(max(len(v[1]) for v in rows.values()))
         prepared.append(rows)
-    ids = list(segment_ids) if segment_ids is not None else list(range(len(segments)))
+    ids = (
+        episode_ids(segment_ids, "segment_ids").tolist()
+        if segment_ids is not None
+        else list(range(len(segments)))
+    )
     if len(ids) != len(segments):
         raise ConfigError(f"{len(ids)} segment ids for {len(segments)} segments")
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"{name}: segment_ids repeat an id: {sorted(ids)[:20]}")
     return recording_dataset(
-        source=_MemorySource(prepared),
+        source=_MemorySource(prepared, {p: _arrow_type(p, prepared) for p in columns}),
         root=name,
         format_name="memory",
         version="1",
@@ -214,6 +245,10 @@ def from_streams(
         ranges={t: (r[0], r[1]) for t, r in ranges.items()},
         lengths=lengths,
     )
+
+
+def _arrow_type(path: str, segments: Sequence[Mapping[str, tuple[Any, pa.Array]]]) -> pa.DataType:
+    return next(seg[path][1].type for seg in segments if path in seg)
 
 
 def _index_values(raw: Any, kind: TimelineKind, n: int, where: str) -> np.ndarray:
@@ -247,7 +282,12 @@ def _to_arrow(stream: Stream, path: str, where: str) -> tuple[pa.Array, Column]:
             shape=shape or (1,),
             info=dict(stream.info),
         )
-    arr = values if isinstance(values, pa.Array) else pa.array(list(values))
+    if isinstance(values, Mapping | str | bytes):
+        raise ConfigError(f"{where}: values must be an array or a list of rows, not {values!r}")
+    try:
+        arr = values if isinstance(values, pa.Array) else pa.array(list(values))
+    except (pa.ArrowException, TypeError) as exc:
+        raise ConfigError(f"{where}: values of mixed or unsupported types ({exc})") from exc
     if stream.kind is not None:
         kind = stream.kind
     elif pa.types.is_binary(arr.type) or pa.types.is_large_binary(arr.type):
