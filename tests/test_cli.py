@@ -185,3 +185,16 @@ def test_demo_root_that_cannot_be_created(
     err = capsys.readouterr().err
     assert "cannot create" in err
     assert str(root) in err
+
+
+def test_inspect_empty_video_file(
+    tmp_path: Path, plain_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An empty MP4 is one error line naming it (was a PyAV OSError traceback)."""
+    root = copy_dataset(plain_root, tmp_path / "ds")
+    rel = f"videos/{TOP}/chunk-000/file-000.mp4"
+    (root / rel).write_bytes(b"")
+    assert main(["inspect", str(root)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("framefeed: error: ")
+    assert str(root / rel) in err

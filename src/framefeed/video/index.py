@@ -16,7 +16,7 @@ from typing import IO
 import av
 import numpy as np
 
-from ..errors import DecodeError, FrameTimestampError
+from ..errors import DecodeError, FrameTimestampError, StorageError
 
 __all__ = ["VideoIndex"]
 
@@ -70,6 +70,14 @@ class VideoIndex:
                 width, height = ctx.width, ctx.height
         except av.FFmpegError as exc:
             raise DecodeError(f"{path}: cannot read the container ({exc})") from exc
+        except OSError as exc:
+            if isinstance(exc, StorageError):
+                raise
+            # PyAV's own I/O on a file that is empty or cut short (seek past the end, ...)
+            raise DecodeError(
+                f"{path}: cannot read the container ({exc}); the file is empty, truncated or "
+                "not a video"
+            ) from exc
         if not rows:
             raise DecodeError(f"{path}: the video stream has no packets")
         if time_base is None:
