@@ -591,3 +591,13 @@ def test_collate_fn_with_a_dataset_gets_its_samples(dataset: framefeed.MapDatase
     assert len(again) == len(rest)
     for a, b in zip(again, rest, strict=True):
         _assert_same_batch(a, b)
+
+
+def test_unknown_device_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="device must be a torch device"):
+        Loader(range(3), device="nope")
+
+
+def test_collate_of_samples_with_different_keys() -> None:
+    with pytest.raises(ConfigError, match="sample 1 has no key 'a'"):
+        framefeed.collate([{"a": 1}, {"b": 2}])

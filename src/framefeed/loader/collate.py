@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch.utils.data import default_collate
 
+from ..errors import ConfigError
 from ..tracing import with_tracing
 
 __all__ = ["collate", "collate_any"]
@@ -26,7 +27,14 @@ def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         return {}
     out: dict[str, Any] = {}
     for key in samples[0]:
-        values = [s[key] for s in samples]
+        try:
+            values = [s[key] for s in samples]
+        except KeyError:
+            bad = next(i for i, s in enumerate(samples) if key not in s)
+            raise ConfigError(
+                f"collate: sample {bad} has no key {key!r} that sample 0 has; every sample of "
+                f"a batch needs the same keys (sample {bad} has {sorted(samples[bad])})"
+            ) from None
         first = values[0]
         if isinstance(first, torch.Tensor):
             joined = _as_batch_view(values)

@@ -102,7 +102,12 @@ class Loader:
         self._timeout_s = timeout_s
         cuda = torch.cuda.is_available()
         self._pin = pin_memory and cuda
-        self._device = None if device is None else torch.device(device)
+        try:
+            self._device = None if device is None else torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise ConfigError(
+                f"device must be a torch device such as 'cuda' or 'cuda:1', not {device!r}"
+            ) from exc
         self._frames_dtype = frames_dtype
         self._cuda_stream = self._device is not None and self._device.type == "cuda" and cuda
         if self._device is not None and self._device.type == "cuda" and not cuda:
