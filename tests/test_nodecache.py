@@ -340,3 +340,16 @@ def test_a_child_forked_during_a_build_does_not_keep_the_lock(tmp_path: Path) ->
     thread.join()
     proc.join(30)
     assert parent.recv() == "locked"
+
+
+def test_cache_folder_that_is_missing_or_a_file(tmp_path: Path) -> None:
+    missing = ColumnCache(directory=str(tmp_path / "never-made"))
+    assert missing.entries() == []
+    assert missing.clear() == 0
+    assert missing.evict() == 0
+    assert not (tmp_path / "never-made").exists()  # clearing creates nothing
+    (tmp_path / "a-file").write_text("")
+    as_file = ColumnCache(directory=str(tmp_path / "a-file"))
+    for call in (as_file.entries, as_file.clear, as_file.evict):
+        with pytest.raises(framefeed.StorageError, match="not a folder"):
+            call()

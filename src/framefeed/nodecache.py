@@ -136,8 +136,20 @@ class ColumnCache:
             return default_directory()
         return os.path.abspath(os.fspath(self.directory))
 
+    def _exists(self) -> bool:
+        """Whether the folder exists (a file in its place is a `StorageError`)."""
+        if not os.path.exists(self.path):
+            return False
+        if not os.path.isdir(self.path):
+            raise StorageError(
+                f"column cache {self.path}: not a folder; give ColumnCache(directory=...) a folder"
+            )
+        return True
+
     def entries(self) -> list[CacheEntry]:
         """The entries in the folder, least recently used first."""
+        if not self._exists():
+            return []
         out = []
         for name, size, used in _scan(self.path):
             path = os.path.join(self.path, name)
@@ -146,11 +158,11 @@ class ColumnCache:
 
     def clear(self) -> int:
         """Remove every entry no process is using (and stale temporaries); bytes freed."""
-        return _evict(self.path, 0, keep=frozenset())
+        return _evict(self.path, 0, keep=frozenset()) if self._exists() else 0
 
     def evict(self) -> int:
         """Remove least recently used idle entries until the folder fits; bytes freed."""
-        return _evict(self.path, self.max_bytes, keep=frozenset())
+        return _evict(self.path, self.max_bytes, keep=frozenset()) if self._exists() else 0
 
 
 class Mapped:
