@@ -164,6 +164,23 @@ def test_bench_refuses_lerobot_only_options_on_recordings(
     assert "is a recording" in err and "--delta chunk and --vs naive" in err
 
 
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--seconds", "nan"], "--seconds must be a positive number"),
+        (["--seconds", "0"], "--seconds must be a positive number"),
+        (["--warmup", "-1"], "--warmup must be a number >= 0"),
+        (["--plot", "/nonexistent-folder/x.png"], "is not a writable folder"),
+    ],
+)
+def test_bench_refuses_bad_windows_and_plot_paths_before_running(
+    plain_root: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
+    pytest.importorskip("matplotlib")
+    assert main(["bench", str(plain_root), "--seconds", "0.1", *extra]) == 1
+    assert message in capsys.readouterr().err
+
+
 def test_epochs_call_set_epoch_and_sum_stage_stats_across_epochs() -> None:
     class Source:
         epoch = 0

@@ -65,6 +65,25 @@ def test_missing_video_file(broken: Path) -> None:
         assert read_marker(ok[WRIST].numpy()) == (0, 0)
 
 
+def test_video_path_that_is_a_folder(broken: Path) -> None:
+    rel = _video(WRIST, 1)
+    (broken / rel).unlink()
+    (broken / rel).mkdir()
+    sample, episode = _first_sample_in(broken, WRIST, rel)
+    err = _error_of(broken, sample)
+    _assert_names_sample(err, broken / rel, episode, WRIST)
+    assert "not a regular file" in str(err)
+
+
+def test_roots_that_are_not_paths_or_known_urls() -> None:
+    from framefeed.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="folder path or an fsspec URL, got int 123"):
+        MapDataset(123)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="no filesystem for this URL"):
+        framefeed.open_dataset("nope://bucket/ds")
+
+
 def test_truncated_video_file(broken: Path) -> None:
     rel = _video(TOP, 0)
     path = broken / rel

@@ -16,6 +16,7 @@ import os
 import posixpath
 import random
 import re
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from .errors import StorageError
+from .errors import ConfigError, StorageError
 from .tracing import tracing_scope
 
 if TYPE_CHECKING:
@@ -111,6 +112,11 @@ class Storage:
         self.index_dir = index_dir
         """Extra folder where ``framefeed index --out`` put packet-index sidecars."""
         self.storage_options: dict[str, Any] = dict(storage_options or {})
+        if not isinstance(root, (str, os.PathLike)):
+            raise ConfigError(
+                f"a dataset root is a folder path or an fsspec URL, got {type(root).__name__} "
+                f"{root!r}"
+            )
         root_s = os.fspath(root)
         if root_s.startswith("file://"):
             root_s = root_s[len("file://") :]
@@ -155,7 +161,13 @@ class Storage:
             import fsspec
 
             options = {"skip_instance_cache": True, **self.storage_options}
-            self._fs, _ = fsspec.core.url_to_fs(self.root, **options)
+            try:
+                self._fs, _ = fsspec.core.url_to_fs(self.root, **options)
+            except ValueError as exc:  # fsspec: "Protocol not known: ..."
+                raise ConfigError(
+                    f"{redact(self.root)}: fsspec has no filesystem for this URL ({exc}); "
+                    "use a local folder or a URL such as s3://bucket/dataset"
+                ) from exc
             if self._fs_pid != -1:  # a forked child: the parent may have held the gate
                 self._gate = threading.BoundedSemaphore(self.retry.max_concurrency)
             self._fs_pid = os.getpid()
@@ -352,6 +364,10 @@ class RangeReader:
                 raise StorageError(f"{self.path}: file not found") from exc
             except OSError as exc:
                 raise StorageError(f"{self.path}: cannot open ({exc})") from exc
+            if not stat.S_ISREG(os.fstat(self._fd).st_mode):
+                os.close(self._fd)
+                self._fd = None
+                raise StorageError(f"{self.path}: not a regular file")
 
     def size(self) -> int:
         if self._fd is not None:

@@ -12,6 +12,7 @@ and reports the ratio; ``plot`` writes throughput over time and a latency histog
 from __future__ import annotations
 
 import gc
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -90,8 +91,15 @@ def _check(cfg: BenchConfig) -> None:
             f"workers must be >= 0, loader threads and batch size >= 1; got {cfg.workers}, "
             f"{cfg.loader_threads}, {cfg.batch_size}"
         )
+    if not (math.isfinite(cfg.seconds) and cfg.seconds > 0):
+        raise ConfigError(f"--seconds must be a positive number, got {cfg.seconds}")
+    if not (math.isfinite(cfg.warmup_s) and cfg.warmup_s >= 0):
+        raise ConfigError(f"--warmup must be a number >= 0, got {cfg.warmup_s}")
     if cfg.plot is not None:
         require_matplotlib()  # before the run, not after it
+        folder = os.path.dirname(os.path.abspath(cfg.plot))
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise ConfigError(f"--plot {cfg.plot}: the folder {folder} is not a writable folder")
 
 
 def _deltas(ds: Dataset, delta: str) -> dict[str, list[float]] | None:
