@@ -75,6 +75,23 @@ def test_video_path_that_is_a_folder(broken: Path) -> None:
     assert "not a regular file" in str(err)
 
 
+def test_video_size_that_differs_from_the_metadata(broken: Path) -> None:
+    info = read_info(broken)
+    real = info["features"][WRIST]["shape"]
+    info["features"][WRIST]["shape"] = [real[0] + 8, real[1] + 8, 3]
+    write_info(broken, info)
+    err = _error_of(broken, 0)
+    assert isinstance(err, FormatError)
+    msg = str(err)
+    assert f"the video is {real[0]}x{real[1]} pixels" in msg
+    assert f"declares {real[0] + 8}x{real[1] + 8}" in msg and "meta/info.json" in msg
+    assert WRIST in msg and "episode" in msg
+    # asking for a size is a resize, not an error
+    fields = [framefeed.Field(WRIST, decode=framefeed.VideoFrameDecoder(size=(16, 16)))]
+    with MapDataset(broken, fields=fields) as ds:
+        assert ds[0][WRIST].shape == (3, 16, 16)
+
+
 def test_roots_that_are_not_paths_or_known_urls() -> None:
     from framefeed.errors import ConfigError
 

@@ -270,6 +270,7 @@ class VideoFrameDecoder:
                     out=flat,
                     slots=sel,
                     describe=_describer(ds, col.path, segs[sel], request.frames.reshape(-1)[sel]),
+                    declared=None if self.size is not None else f"meta/info.json ({col.path!r})",
                     segments=np.stack(
                         [ds.video_from[col.path][segs[sel]], ds.video_to[col.path][segs[sel]]],
                         axis=1,

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import DecodeError, FramefeedError, FrameTimestampError
+from ..errors import DecodeError, FormatError, FramefeedError, FrameTimestampError
 from ..storage import RangeReader, Storage
 from ..tracing import in_current_context, with_tracing
 from .cache import _INHERITED, DecoderCache
@@ -48,6 +48,9 @@ class FrameRequest:
     segments: np.ndarray | None = None
     """Optional (N, 2) seconds ``[from, to)`` of the segment each time belongs to. With a
     segment cache (remote streaming), a segment's packets are fetched in one request."""
+    declared: str | None = None
+    """Where ``out``'s height and width come from when the caller did not ask for a size (the
+    dataset's metadata): a video of another size is then a `FormatError`, not a resize."""
 
 
 @dataclass
@@ -323,6 +326,13 @@ class VideoEngine:
         tolerance_s: float,
     ) -> list[_Task]:
         index = self.index(path)
+        declared = next((r.declared for r in requests if r.declared is not None), None)
+        if declared is not None and (index.height, index.width) != size:
+            raise FormatError(
+                f"{self.storage.url(path)}: the video is {index.height}x{index.width} pixels "
+                f"(height x width) but {declared} declares {size[0]}x{size[1]}; fix the "
+                "metadata, or decode at a size of your choice with VideoFrameDecoder(size=(H, W))"
+            )
         wanted: dict[int, list[np.ndarray]] = {}
         item_of: dict[int, tuple[FrameRequest, int]] = {}
         all_packets = []
