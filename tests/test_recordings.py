@@ -411,3 +411,19 @@ def test_image_decoder_needs_a_frame_shape() -> None:
     rec = from_streams([blobs], timelines=TIMELINES)
     with pytest.raises(ConfigError, match=r"'shape': \(H, W, 3\)"):
         framefeed.MapDataset(rec)
+
+
+def test_select_that_leaves_no_value_names_field_column_and_expression() -> None:
+    segs = [{"/pair": Stream(values=np.arange(20.0).reshape(10, 2), index={"step": np.arange(10)})}]
+    ds = from_streams(segs, timelines={"step": TimelineKind.SEQUENCE})
+    m = framefeed.MapDataset(
+        ds, index=IndexSpec(timeline="step"), fields=[Field("/pair", select="[9]", key="far")]
+    )
+    with pytest.raises(framefeed.FormatError) as err:
+        m[0]
+    msg = str(err.value)
+    assert "field 'far'" in msg and "select '[9]' of column '/pair'" in msg and "segment 0" in msg
+    ok = framefeed.MapDataset(
+        ds, index=IndexSpec(timeline="step"), fields=[Field("/pair", select="[1]", key="second")]
+    )
+    assert float(ok[3]["second"]) == 7.0

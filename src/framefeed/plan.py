@@ -425,6 +425,14 @@ def _aligned_rows(
         empty = first == end
         if empty.any():
             seg = int(store.dataset.segment_ids[segs[np.flatnonzero(empty)[0]]])
+            expr = f.column.info.get("select")
+            if expr is not None:
+                base = f.column.info.get("select_base")
+                raise FormatError(
+                    f"{store.dataset.root}: field {f.key!r}: select {expr!r} of column {base!r} "
+                    f"gives no value in any row of segment {seg} (an index past the end of "
+                    "every row?); check the expression against the column's values"
+                )
             raise FormatError(
                 f"{store.dataset.root}: segment {seg} has no rows of column {path!r}; "
                 f"select segments that have it (or drop field {f.key!r})"
