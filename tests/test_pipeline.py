@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -601,3 +602,17 @@ def test_unknown_device_is_a_config_error() -> None:
 def test_collate_of_samples_with_different_keys() -> None:
     with pytest.raises(ConfigError, match="sample 1 has no key 'a'"):
         framefeed.collate([{"a": 1}, {"b": 2}])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"threads": "2"}, "threads must be an int, got str '2'"),
+        ({"buffer_size": 2.5}, "buffer_size must be an int"),
+        ({"batch_size": 3.0}, "batch_size must be an int or None"),
+        ({"drop_last": True}, "drop_last=True needs batch_size"),
+    ],
+)
+def test_loader_argument_types_are_checked(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        Loader(range(4), **kwargs)

@@ -69,6 +69,18 @@ class Loader:
         on_error: Literal["raise", "skip"] = "raise",
         timeout_s: float | None = None,
     ) -> None:
+        for name, value in (("threads", threads), ("buffer_size", buffer_size)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ConfigError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+        if batch_size is not None and (
+            not isinstance(batch_size, int) or isinstance(batch_size, bool)
+        ):
+            raise ConfigError(f"batch_size must be an int or None, got {batch_size!r}")
+        if drop_last and batch_size is None:
+            raise ConfigError(
+                "drop_last=True needs batch_size (without it the source's items are the "
+                "batches, and there is no incomplete batch to drop)"
+            )
         if threads < 1 or buffer_size < 1:
             raise ConfigError(f"threads and buffer_size must be >= 1, got {threads}, {buffer_size}")
         if batch_size is not None and batch_size < 1:
