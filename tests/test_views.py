@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -247,3 +248,10 @@ def test_with_metadata_needs_a_table_of_integer_ids(ds: framefeed.Dataset) -> No
         ds.with_metadata({"episode_index": [0]})  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="integer segment ids"):
         ds.with_metadata(pa.table({"episode_index": ["a"], "x": [1]}))
+
+
+@pytest.mark.parametrize("weight", [-1.0, float("nan"), float("inf"), "2", True])
+def test_mixture_part_weight_is_checked_when_made(plain_root: Path, weight: Any) -> None:
+    ds = framefeed.MapDataset(plain_root)
+    with pytest.raises(ConfigError, match="MixturePart weight must be"):
+        MixturePart(dataset=ds, weight=weight)

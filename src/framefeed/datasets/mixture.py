@@ -10,6 +10,7 @@ loader issue's guarantees: a pure function of (seed, epoch, rank), exact resume.
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +41,13 @@ class MixturePart:
     """Relative probability of drawing from this part (`Mixture.sampler`)."""
     rename: Mapping[str, str] = field(default_factory=dict)
     """This part's key -> the mixture's key; pad masks follow their key."""
+
+    def __post_init__(self) -> None:
+        weight: Any = self.weight
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise ConfigError(f"MixturePart weight must be a number, got {weight!r}")
+        if not (math.isfinite(weight) and weight >= 0):
+            raise ConfigError(f"MixturePart weight must be finite and >= 0, got {weight!r}")
 
 
 class Mixture(torch.utils.data.Dataset[dict[str, Any]]):
