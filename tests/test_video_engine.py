@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import os
+import threading
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -315,6 +318,58 @@ def test_close_is_idempotent(plain_root: Path) -> None:
 
 def _os_threads() -> int:
     return len(os.listdir("/proc/self/task"))
+
+
+def _fds_under(root: Path) -> int:
+    """Descriptors of this process open on files under ``root``."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith(str(root))
+        except OSError:
+            continue  # closed meanwhile (the listing's own descriptor)
+    return count
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors through /proc")
+def test_engine_dropped_without_close_releases_its_files(plain_root: Path) -> None:
+    """Cached decoders hold a descriptor of their file; dropping the engine releases them."""
+    path, frames = _file_frames(plain_root, TOP)
+    times = np.array([t for _, _, t in frames[:4]])
+    before = _fds_under(plain_root)
+    for _ in range(3):
+        engine = VideoEngine(Storage(plain_root), threads=1)
+        engine.decode([FrameRequest(path=path, times=times, out=_out(4, 48, 64))], tolerance_s=1e-4)
+        assert _fds_under(plain_root) > before  # the idle decoder keeps its file open
+        del engine
+        gc.collect()
+    assert _fds_under(plain_root) == before
+
+
+def test_close_stops_fetch_threads(plain_root: Path) -> None:
+    """Remote storage fetches a batch's byte ranges on threads of their own; close stops them."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    base = f"/framefeed-test-{uuid.uuid4().hex}"
+    for file in plain_root.rglob("*.mp4"):
+        fs.pipe(f"{base}/{file.relative_to(plain_root).as_posix()}", file.read_bytes())
+
+    def fetch_threads() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name.startswith("framefeed-fetch")}
+
+    path, frames = _file_frames(plain_root, TOP)
+    times = np.array([t for _, _, t in frames[::4]])
+    before = fetch_threads()
+    try:
+        engine = VideoEngine(Storage(f"memory://{base}"), threads=2)
+        out = _out(len(times), 48, 64)
+        engine.decode([FrameRequest(path=path, times=times, out=out)], tolerance_s=1e-4)
+        assert fetch_threads() - before  # the batch's ranges were fetched on threads
+        engine.close()
+        assert not fetch_threads() - before
+    finally:
+        fs.rm(base, recursive=True)
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads through /proc")

@@ -11,6 +11,7 @@ plane by plane into the caller's uint8 CHW buffers: no HWC->CHW transpose, no fl
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 
 import av
@@ -34,6 +35,9 @@ class FrameDecoder:
     def __init__(self, index: VideoIndex, reader: RangeReader, *, threads: int = 1) -> None:
         self.index = index
         self._reader = reader
+        # A decoder dropped without `close` (its dataset was never closed, or it failed here)
+        # still releases the reader's descriptor, which the reader itself never does.
+        self._release = weakref.finalize(self, _close_reader, reader, os.getpid())
         ctx = av.CodecContext.create(index.codec, "r")
         if not isinstance(ctx, VideoCodecContext):
             raise DecodeError(f"{index.path}: codec {index.codec!r} is not a video codec")
@@ -55,7 +59,7 @@ class FrameDecoder:
     def close(self) -> None:
         if self.pid != os.getpid():  # inherited through fork: never touch the parent's codec
             return
-        self._reader.close()
+        self._release()
 
     @property
     def bytes_read(self) -> int:
@@ -174,3 +178,9 @@ def run_span(index: VideoIndex, first: int, last: int) -> tuple[int, int] | None
     size = index.size[first : last + 1]
     start, stop = int(pos.min()), int((pos + size).max())
     return (start, stop) if stop - start <= 2 * int(size.sum()) else None
+
+
+def _close_reader(reader: RangeReader, pid: int) -> None:
+    """Close ``reader`` in the process that opened it (a forked child leaves it alone)."""
+    if os.getpid() == pid:
+        reader.close()

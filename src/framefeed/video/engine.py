@@ -149,10 +149,13 @@ class VideoEngine:
         return state
 
     def close(self) -> None:
-        """Stop the thread pool and close cached decoders (idempotent)."""
+        """Stop the decode and fetch threads and close cached decoders (idempotent)."""
         if self._pool is not None and self._pool_pid == os.getpid():
             self._pool.shutdown(wait=True)
         self._pool = None
+        if self._io_pool is not None and self._io_pid == os.getpid():
+            self._io_pool.shutdown(wait=True)
+        self._io_pool = None
         self.cache.clear()
 
     def __enter__(self) -> VideoEngine:
