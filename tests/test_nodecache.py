@@ -214,6 +214,45 @@ def test_entries_in_use_or_being_built_are_never_removed(tmp_path: Path) -> None
     assert cache.entries() == []
 
 
+def test_closed_entry_is_released_when_its_arrays_are(tmp_path: Path) -> None:
+    import gc
+
+    cache = ColumnCache(directory=str(tmp_path))
+    for build in (_Counter(), _Counter()):  # written by this process, then mapped from the file
+        mapped = load_many(cache, {"c": KEY}, build)["c"]
+        values = mapped.arrays["values"]
+        mapped.close()
+        mapped.close()
+        assert mapped.inode is None and mapped.arrays == {}
+        cache.clear()
+        assert len(cache.entries()) == 1  # an array of it is still in use: kept
+        assert np.array_equal(values, _arrays()["values"])
+        del values
+        gc.collect()
+        cache.clear()
+        assert cache.entries() == []  # closed and unused: removed
+    mapped = load_many(cache, {"c": KEY}, _Counter())["c"]
+    mapped.close()  # no array handed out: released at once
+    cache.clear()
+    assert cache.entries() == []
+
+
+def test_dropped_entries_close_their_files(tmp_path: Path) -> None:
+    """An entry whose store goes away without closing it closes its file (no ResourceWarning,
+    no descriptor left)."""
+    import gc
+
+    cache = ColumnCache(directory=str(tmp_path))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        for build in (_Counter(), _Counter()):  # the writer's file, then a reader's
+            mapped = load_many(cache, {"c": KEY}, build)
+            del mapped
+            gc.collect()
+    assert [str(w.message) for w in caught if w.category is ResourceWarning] == []
+    assert cache.clear() > 0  # no shared lock left behind either
+
+
 def test_unusable_folder_falls_back_to_memory(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")

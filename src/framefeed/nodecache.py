@@ -37,6 +37,7 @@ import struct
 import time
 import uuid
 import warnings
+import weakref
 import zlib
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
@@ -184,10 +185,26 @@ class Mapped:
         self.path = path
         self._fh = fh  # shared flock: evictors skip this entry while it is open
         self._mm = mm
+        # Dropped without `close` (its store went away): the file is still closed, not left
+        # to the garbage collector's "unclosed file" path.
+        self._release = weakref.finalize(self, fh.close) if fh is not None else None
 
     @property
     def inode(self) -> int | None:
-        return os.fstat(self._fh.fileno()).st_ino if self._fh is not None else None
+        if self._fh is None or self._fh.closed:
+            return None
+        return os.fstat(self._fh.fileno()).st_ino
+
+    def close(self) -> None:
+        """Release the entry (idempotent): the file now; the mapping, and with it the shared
+        lock that keeps evictors away, as soon as no array of it is in use."""
+        self.arrays = {}
+        mm, self._mm = self._mm, None
+        if mm is not None:
+            with suppress(BufferError):  # arrays handed out still use it: it goes with them
+                mm.close()
+        if self._release is not None:
+            self._release()
 
 
 class _Bad(Exception):
