@@ -377,6 +377,28 @@ def test_close_is_idempotent_and_final(tmp_path: Path) -> None:
         cache.read("k", 0, 1, _failing)
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors through /proc")
+def test_dropped_cache_releases_its_folder(tmp_path: Path) -> None:
+    """A cache dropped without close (a `Storage` going away) releases its folder descriptor."""
+    import gc
+
+    folder = str(tmp_path / "c")
+
+    def open_on_folder() -> int:
+        fds = os.listdir("/proc/self/fd")
+        return sum(os.path.realpath(f"/proc/self/fd/{fd}") == folder for fd in fds)
+
+    for _ in range(3):
+        cache = RangeCache(CacheConfig(directory=folder))
+        assert open_on_folder() == 1
+        del cache
+        gc.collect()
+        assert open_on_folder() == 0
+    with RangeCache(CacheConfig(directory=folder)):
+        assert open_on_folder() == 1
+    assert open_on_folder() == 0
+
+
 def test_pickles_only_its_config(cache: RangeCache, remote: Remote) -> None:
     key = "s3://b/a.mp4"
     cache.read(key, 0, 100, remote.fetch(key))

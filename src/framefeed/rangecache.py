@@ -47,6 +47,7 @@ import threading
 import time
 import uuid
 import warnings
+import weakref
 import zlib
 from array import array
 from collections.abc import Callable, Iterator
@@ -180,6 +181,11 @@ def _decode(buf: bytes, token: int, boot: bytes) -> _Index | None:
     index.starts.frombytes(buf[_IDX_HEAD.size : mid])
     index.stops.frombytes(buf[mid:size])
     return index
+
+
+def _close_fd(fd: int, pid: int) -> None:
+    if os.getpid() == pid:
+        os.close(fd)
 
 
 def _boot_id() -> bytes:
@@ -337,7 +343,7 @@ class RangeCache:
         """Release this process's handles; idempotent. Reads afterwards raise `StorageError`."""
         self._closed = True
         if self._dir_fd >= 0 and self._pid == os.getpid():
-            os.close(self._dir_fd)
+            self._release()
         self._dir_fd = -1
 
     def _handle(self) -> int:
@@ -362,6 +368,9 @@ class RangeCache:
                 self._counts = dict.fromkeys(self._counts, 0)
                 self._boot = _boot_id()
                 self._dir_fd, self._pid = dir_fd, pid
+                # A cache dropped without `close` (its `Storage` has no close) still releases
+                # the descriptor, in this process only.
+                self._release = weakref.finalize(self, _close_fd, dir_fd, pid)
         return self._dir_fd
 
     def stats(self) -> dict[str, int]:
