@@ -263,6 +263,18 @@ def test_early_break_leaves_no_thread(stream_root: Path) -> None:
     assert not set(threading.enumerate()) - before
 
 
+def test_with_block_closes_the_dataset(stream_root: Path) -> None:
+    before = set(threading.enumerate())
+    with IterableDataset(stream_root, fetch_size=4, prefetch=0, decode_threads=2) as ds:
+        for _ in ds:
+            break
+        started = set(threading.enumerate()) - before
+        assert any(t.name.startswith("framefeed-decode") for t in started)
+    assert not set(threading.enumerate()) - before
+    assert len(next(iter(ds))) > 0  # closed, still usable (a new planner, as after close())
+    ds.close()
+
+
 def test_bad_arguments() -> None:
     with pytest.raises(framefeed.ConfigError):
         _order(_offsets([3, 4]), rank=2, world_size=2)

@@ -197,6 +197,12 @@ class IterableDataset(Serving, torch.utils.data.IterableDataset[Any]):
                 state[key] = multiprocessing.Value("q", state[key], lock=False)
         self.__dict__.update(state)
 
+    def __enter__(self) -> IterableDataset:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     # -- epochs and checkpoints -------------------------------------------------------------
 
     @property
