@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import pickle
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -488,6 +490,28 @@ def test_close_stops_decode_threads(rollover_root: Path) -> None:
     ds.__getitems__(list(range(0, len(ds), 5)))
     ds.close()
     assert set(decode_threads()) <= before
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors through /proc")
+def test_dataset_dropped_without_close_releases_its_files(rollover_root: Path) -> None:
+    """Datasets that are never closed (the common case) do not leave video files open."""
+    import gc
+
+    def open_videos() -> int:
+        links = []
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                links.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return sum(link.startswith(str(rollover_root)) for link in links)
+
+    before = open_videos()
+    for _ in range(3):
+        ds = MapDataset(rollover_root, decode_threads=2)
+        ds.get_batch(list(range(0, len(ds), 7)))
+        assert open_videos() > before  # cached decoders keep their files open
+        del ds
+        gc.collect()
+    assert open_videos() == before
 
 
 def test_file_url(plain_root: Path) -> None:
