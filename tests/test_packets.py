@@ -598,3 +598,28 @@ def test_rerun_recordings_through_a_map_dataset(tmp_path: Any) -> None:
                 continue
             row = int(np.searchsorted(camera_steps, step + offset, side="right")) - 1
             assert read_marker(frames[i, k].numpy()) == (episode, row)
+
+
+def test_dataset_close_stops_the_threads_of_its_packet_decoders(tmp_path: Any) -> None:
+    pytest.importorskip("rerun")
+    import framefeed
+    from framefeed.synth.rerun import H264, RerunSynthConfig, write_rerun_recordings
+
+    config = RerunSynthConfig(
+        num_recordings=1, min_duration_s=1.0, max_duration_s=1.0, jpeg_rate_hz=0, h264_gop=10
+    )
+    root = write_rerun_recordings(tmp_path, config)
+
+    def packet_threads() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name.startswith("framefeed-packets")}
+
+    before = packet_threads()
+    decoder = PacketVideoDecoder(threads=2)  # threads of its own, not the dataset's
+    with framefeed.MapDataset(root, fields=[framefeed.Field(H264, decode=decoder)]) as ds:
+        first = ds.get_batch(list(range(0, len(ds), 3)))
+        assert packet_threads() - before
+    assert not packet_threads() - before
+    again = ds.get_batch(list(range(0, len(ds), 3)))  # still usable after close
+    assert torch.equal(first[H264], again[H264])
+    ds.close()
+    assert not packet_threads() - before

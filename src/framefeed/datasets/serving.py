@@ -223,10 +223,15 @@ class Serving:
         return state
 
     def close(self) -> None:
-        """Release decoders and decode threads (the dataset stays usable)."""
+        """Release decoders and decode threads, those of the fields' decoders included (the
+        dataset stays usable)."""
         if self._planner is not None and self._pid == os.getpid():
             self._planner.engine.close()
         self._planner = None
+        for f in self.fields:
+            close = getattr(f.decoder, "close", None)  # e.g. PacketVideoDecoder(threads=n)
+            if callable(close):
+                close()
 
 
 def batch_indices(indices: Any, size: int) -> np.ndarray:
