@@ -127,7 +127,7 @@ def _ffmpeg(data: bytes | bytearray | memoryview, codec: str, what: str, out: An
         ctx = av.CodecContext.create(codec, "r")
         if not isinstance(ctx, VideoCodecContext):
             raise DecodeError(f"{what}: {codec} is not an image codec")
-        frames = ctx.decode(av.Packet(data))  # type: ignore[arg-type]  # any buffer works
+        frames = ctx.decode(av.Packet(data))  # type: ignore[arg-type, unused-ignore]  # PyAV < 18 typed it bytes-only
         frames += ctx.decode(None)
     except av.FFmpegError as exc:
         raise DecodeError(

@@ -101,7 +101,7 @@ class FrameDecoder:
             ]
         for k, chunk in enumerate(chunks):
             i = first + k
-            packet = av.Packet(chunk)  # type: ignore[arg-type]  # any buffer works
+            packet = av.Packet(chunk)  # type: ignore[arg-type, unused-ignore]  # PyAV < 18 typed it bytes-only
             packet.pts = int(idx.pts[i])
             packet.dts = int(idx.dts[i])
             packet.time_base = idx.time_base

@@ -399,7 +399,7 @@ class PacketDecoder:
                         continue  # a non-reference picture that is not wanted: skip it
                 except DecodeError as exc:
                     raise self._error(batch, run, row, str(exc)) from exc
-                packet = av.Packet(payload)  # type: ignore[arg-type]  # any buffer works
+                packet = av.Packet(payload)  # type: ignore[arg-type, unused-ignore]  # PyAV < 18 typed it bytes-only
                 packet.pts = row
                 packet.dts = row
                 try:
