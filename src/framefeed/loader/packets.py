@@ -64,13 +64,35 @@ class Failure:
 
 @dataclass
 class Packet:
-    """One source item on its way from the source to the collate stage."""
+    """One source item on its way from the source to the collate stage.
+
+    A fetch that is a generator gives several results for one item: the item's packet then
+    becomes one packet per result when it leaves the reordering, and all but the last of them
+    have ``done=False`` and ``part`` = the results of the item delivered with this one.
+    """
 
     seq: int
     item: object
     source_state: dict[str, Any] | None
+    """The source's state after this item (None for a source without state)."""
     result: object = None
     failure: Failure | None = None
+    state_before: dict[str, Any] | None = None
+    """The source's state before this item: where a resume in the middle of it starts."""
+    many: bool = False
+    """``result`` is the list of a generator fetch's results."""
+    done: bool = True
+    """This packet finishes its source item."""
+    part: int = 0
+    """For ``done=False``: results of the item delivered up to and including this one."""
+
+    def output(self, value: object, label: object, failure: Failure | None = None) -> Output:
+        """An output that ends with this packet, with the progress it stands for."""
+        if self.done:
+            return Output(value, label, self.seq + 1, self.source_state, failure, seq=self.seq)
+        return Output(
+            value, label, self.seq, self.state_before, failure, seq=self.seq, partial=self.part
+        )
 
 
 @dataclass
@@ -82,6 +104,8 @@ class Output:
     consumed: int  # source items consumed by this output and those before it (input order)
     source_state: dict[str, Any] | None
     failure: Failure | None = None
+    seq: int = 0  # the source item it ends with
+    partial: int = 0  # results of the next item already delivered (a generator fetch)
 
 
 class SourceItem:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterable, Callable, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Literal
 
@@ -32,7 +32,8 @@ _STATE_VERSION = 1
 class Loader:
     """Iterate ``fetch(item)`` over ``source`` with ``threads`` threads, in bounded memory.
 
-    ``source`` is any iterable of work items (indices, lists of indices, paths, ...). With
+    ``source`` is any iterable of work items (indices, lists of indices, paths, ...), or an
+    async iterable (iterated on an event loop of its own). With
     ``fetch=None`` and a dataset with ``get_batch`` (a `framefeed.MapDataset`) as source,
     ``fetch`` is ``source.get_batch`` and the items are index lists: those of ``sampler`` when
     ``batch_size`` is None, groups of ``batch_size`` of its indices otherwise, or without a
@@ -42,6 +43,13 @@ class Loader:
     ``collate_fn`` replaces the default collate (framefeed's zero-copy `collate` for dict
     samples, torch's ``default_collate`` otherwise); with a dataset source it receives the
     batch's samples from ``source.__getitems__`` instead of ``get_batch``'s collated batch.
+    ``fetch`` and ``collate_fn`` may be ``async def``: each thread awaits them on an event loop
+    of its own. A ``fetch`` that is a generator (or an async generator) gives several samples
+    per item: they are gathered in the fetch thread and go on one by one, in order.
+    ``threads`` is the number of fetch threads, or threads per stage as a mapping: ``{"fetch":
+    4, "collate": 2}`` (fetch defaults to 2, collate to 1; the transfer stage has one thread,
+    since it copies on one CUDA stream). Several collate threads help a costly ``collate_fn``;
+    with ``order="input"`` their outputs still leave in order.
     ``order="input"`` yields in source order, ``"completion"`` as soon as ready. ``pin_memory``
     pins tensors (when CUDA is available) and ``device`` moves them, non-blocking, on a CUDA
     stream of their own; dtypes never change, except that with ``frames_dtype`` (a floating
@@ -53,14 +61,14 @@ class Loader:
 
     def __init__(
         self,
-        source: Iterable[Any] | BatchSource,
+        source: Iterable[Any] | AsyncIterable[Any] | BatchSource,
         *,
         fetch: Callable[[Any], Any] | None = None,
         batch_size: int | None = None,
         drop_last: bool = False,
         sampler: Iterable[Sequence[int]] | Iterable[int] | None = None,
         collate_fn: Callable[[list[Any]], Any] | None = None,
-        threads: int = 2,
+        threads: int | Mapping[str, int] = 2,
         buffer_size: int = 4,
         order: Literal["input", "completion"] = "input",
         pin_memory: bool = False,
@@ -69,9 +77,11 @@ class Loader:
         on_error: Literal["raise", "skip"] = "raise",
         timeout_s: float | None = None,
     ) -> None:
-        for name, value in (("threads", threads), ("buffer_size", buffer_size)):
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise ConfigError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+        fetch_threads, collate_threads = _stage_threads(threads)
+        if not isinstance(buffer_size, int) or isinstance(buffer_size, bool):
+            raise ConfigError(
+                f"buffer_size must be an int, got {type(buffer_size).__name__} {buffer_size!r}"
+            )
         if batch_size is not None and (
             not isinstance(batch_size, int) or isinstance(batch_size, bool)
         ):
@@ -81,8 +91,8 @@ class Loader:
                 "drop_last=True needs batch_size (without it the source's items are the "
                 "batches, and there is no incomplete batch to drop)"
             )
-        if threads < 1 or buffer_size < 1:
-            raise ConfigError(f"threads and buffer_size must be >= 1, got {threads}, {buffer_size}")
+        if buffer_size < 1:
+            raise ConfigError(f"buffer_size must be >= 1, got {buffer_size}")
         if batch_size is not None and batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1 or None, got {batch_size}")
         if order not in ("input", "completion"):
@@ -107,7 +117,8 @@ class Loader:
         )
         self._collate_fn = collate_fn if collate_fn is not None else collate_any
         self._drop_last = drop_last
-        self._threads = threads
+        self._threads = fetch_threads
+        self._collate_threads = collate_threads
         self._buffer_size = buffer_size
         self._order = order
         self._skip = on_error == "skip"
@@ -135,18 +146,20 @@ class Loader:
         # progress of the current epoch, for state_dict
         self._delivered = 0
         self._consumed = 0
+        self._partial = 0  # results of the next source item delivered (generator fetch)
         self._source_state: dict[str, Any] | None = None
         self._resume_skip: int | None = None  # set by load_state_dict for the next iteration
 
     def _new_counters(self) -> dict[str, StageCounter]:
-        return {s: StageCounter(s, self._threads if s == "fetch" else 1) for s in STAGES}
+        threads = {"fetch": self._threads, "collate": self._collate_threads}
+        return {s: StageCounter(s, threads.get(s, 1)) for s in STAGES}
 
     def __iter__(self) -> Iterator[Any]:
         if self._closed:
             raise PipelineError("the loader is closed", stage="sink")
         self._stop_run()
         if self._resume_skip is None:
-            self._delivered = self._consumed = 0
+            self._delivered = self._consumed = self._partial = 0
             self._source_state = None
             skip = 0
         else:
@@ -162,6 +175,7 @@ class Loader:
             drop_last=self._drop_last,
             threads=self._threads,
             buffer_size=self._buffer_size,
+            collate_threads=self._collate_threads,
             in_order=self._order == "input",
             skip=self._skip,
             pin=self._pin,
@@ -169,6 +183,7 @@ class Loader:
             cuda_stream=self._cuda_stream,
             frames_dtype=self._frames_dtype,
             skip_items=skip,
+            skip_results=self._partial,
             counters=self._counters,
         )
         return self._iterate(cfg, base_consumed)
@@ -186,6 +201,7 @@ class Loader:
                 # counted before the hand-out, so a state taken in the loop body is exact
                 self._delivered += 1
                 self._consumed = base_consumed + out.consumed
+                self._partial = out.partial
                 self._source_state = out.source_state
                 handed = time.monotonic()
                 yield out.value
@@ -224,6 +240,7 @@ class Loader:
             "version": _STATE_VERSION,
             "delivered": self._delivered,
             "consumed": self._consumed,
+            "partial": self._partial,
             "source": self._source_state,
         }
 
@@ -233,10 +250,14 @@ class Loader:
         A source with its own ``state_dict`` (a framefeed sampler) is restored from the state
         it had after the last delivered item; any other source is iterated again from the start
         and the consumed items are skipped, so it must give the same items in the same order.
+        When the last delivered output ended inside the results of a generator ``fetch``, that
+        item is fetched again and the results already delivered are dropped (so it must yield
+        the same results again).
         """
         if int(state.get("version", -1)) != _STATE_VERSION:
             raise ConfigError(f"unknown loader state version {state.get('version')!r}")
         consumed, source_state = int(state["consumed"]), state.get("source")
+        partial = int(state.get("partial", 0))
         items = self._plan.items
         if isinstance(items, Stateful):
             if source_state is None and consumed:
@@ -248,6 +269,7 @@ class Loader:
             self._resume_skip = consumed
         self._delivered = int(state["delivered"])
         self._consumed = consumed
+        self._partial = partial
         self._source_state = source_state
 
     def close(self) -> None:
@@ -265,3 +287,36 @@ class Loader:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+_THREAD_DEFAULTS = {"fetch": 2, "collate": 1, "transfer": 1}
+
+
+def _stage_threads(threads: object) -> tuple[int, int]:
+    """(fetch, collate) thread counts from `Loader`'s ``threads`` (an int or a stage mapping)."""
+    if isinstance(threads, Mapping):
+        unknown = sorted(str(k) for k in threads if k not in _THREAD_DEFAULTS)
+        if unknown:
+            raise ConfigError(
+                f"threads: unknown stage(s) {', '.join(map(repr, unknown))}; the stages with "
+                f"threads are {', '.join(map(repr, _THREAD_DEFAULTS))}"
+            )
+        counts = {**_THREAD_DEFAULTS, **threads}
+    else:
+        counts = {**_THREAD_DEFAULTS, "fetch": threads}
+    for stage, n in counts.items():
+        if not isinstance(n, int) or isinstance(n, bool):
+            raise ConfigError(
+                f"threads[{stage!r}] must be an int, got {type(n).__name__} {n!r}"
+                if isinstance(threads, Mapping)
+                else f"threads must be an int, got {type(n).__name__} {n!r} (or a mapping of "
+                "stage to int)"
+            )
+        if n < 1:
+            raise ConfigError(f"threads for stage {stage!r} must be >= 1, got {n}")
+    if counts["transfer"] != 1:
+        raise ConfigError(
+            f"threads['transfer'] must be 1, got {counts['transfer']}: the transfer stage copies "
+            "on one CUDA stream, in order"
+        )
+    return counts["fetch"], counts["collate"]

@@ -4,18 +4,20 @@
 ``get_batch`` (a `framefeed.MapDataset`) is read one index list at a time: ``get_batch`` returns
 a collated batch, or with a custom ``collate_fn`` its ``__getitems__`` returns the samples and
 the collate stage calls ``collate_fn`` on them. Any other iterable passes its items to ``fetch``
-and, with ``batch_size``, groups of fetched samples are collated.
+and, with ``batch_size``, groups of fetched samples are collated. An async iterable source is
+iterated on an event loop of its own (`AsyncItems`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import asyncio
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, cast, runtime_checkable
 
 from ..errors import ConfigError
 
-__all__ = ["BatchSource", "SourcePlan", "Stateful", "plan_source"]
+__all__ = ["AsyncItems", "BatchSource", "SourcePlan", "Stateful", "plan_source"]
 
 
 @runtime_checkable
@@ -69,6 +71,54 @@ class _StatefulBatched(_Batched):
         self.stateful.load_state_dict(state)
 
 
+class AsyncItems:
+    """An async iterable as a plain one: each iteration drives it on a new event loop.
+
+    The fetch threads pull items one at a time under the source lock, so the loop runs in one
+    thread at a time (whichever pulls); `close` closes the async iterator and the loop.
+    """
+
+    def __init__(self, source: AsyncIterable[Any]) -> None:
+        self.source = source
+
+    def __iter__(self) -> _AsyncIterator:
+        return _AsyncIterator(self.source.__aiter__())
+
+
+class _AsyncIterator:
+    def __init__(self, it: AsyncIterator[Any]) -> None:
+        self._it = it
+        self._loop: asyncio.AbstractEventLoop | None = asyncio.new_event_loop()
+
+    def __iter__(self) -> _AsyncIterator:
+        return self
+
+    def __next__(self) -> Any:
+        if self._loop is None:
+            raise StopIteration
+        try:
+            return self._loop.run_until_complete(self._it.__anext__())
+        except StopAsyncIteration:
+            self.close()
+            raise StopIteration from None
+
+    def close(self) -> None:
+        loop, self._loop = self._loop, None
+        if loop is None:
+            return
+        try:
+            aclose = getattr(self._it, "aclose", None)
+            if callable(aclose):
+                loop.run_until_complete(aclose())
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        finally:
+            loop.close()
+
+    def __del__(self) -> None:
+        if self._loop is not None and not self._loop.is_running():
+            self._loop.close()
+
+
 @dataclass(frozen=True, kw_only=True)
 class SourcePlan:
     """How a `Loader` turns its source into outputs."""
@@ -86,7 +136,7 @@ class SourcePlan:
 
 
 def plan_source(
-    source: Iterable[Any] | BatchSource,
+    source: Iterable[Any] | AsyncIterable[Any] | BatchSource,
     *,
     fetch: Callable[[Any], Any] | None,
     sampler: Iterable[Sequence[int]] | Iterable[int] | None,
@@ -129,8 +179,12 @@ def plan_source(
             "collate_fn needs batch_size (samples to collate per output) or a dataset source "
             "with get_batch"
         )
+    if isinstance(source, AsyncIterable) and not isinstance(source, Iterable):
+        items = AsyncItems(source)
+    else:
+        items = cast(Iterable[Any], source)  # a torch Dataset iterates by __getitem__
     return SourcePlan(
-        items=cast(Iterable[Any], source),  # a torch Dataset iterates by __getitem__
+        items=items,
         fetch=fetch if fetch is not None else _identity,
         group_size=batch_size,
         collate_each=False,

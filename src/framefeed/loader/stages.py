@@ -3,11 +3,13 @@
 ``threads`` fetch threads pull work items from the source themselves, one at a time under a
 lock that also numbers them, and run ``fetch`` on them (an ``async def`` fetch runs on a
 per-thread event loop); they put the results back in input order (when asked) under a second
-lock and hand them to the collate thread a chunk at a time (a batch's worth when batching), so
-it wakes once per chunk rather than once per item. One thread collates, one pins and moves
-tensors to the device on its own CUDA stream. At most ``threads + buffer_size`` items are
-between the source and the end of the reordering, so a slow item never lets the reorder buffer
-grow without bound; stages after it are joined by bounded queues.
+lock and cut them into chunks, one batch's worth of items each when batching (one item each
+otherwise), so a collate thread wakes once per batch rather than once per item and every chunk
+collates on its own. ``collate_threads`` threads collate chunks and pass the outputs on in
+chunk order (when asked); one thread pins and moves tensors to the device on its own CUDA
+stream. At most ``threads + buffer_size`` items are between the source and the end of the
+reordering, so a slow item never lets the reorder buffer grow without bound; stages after it
+are joined by bounded queues.
 
 Errors travel down the pipeline with the item that caused them (`Failure`) and the consumer
 re-raises them in input order. Every wait polls a stop event, so `Run.close`, the consumer
@@ -52,6 +54,7 @@ class RunConfig:
     drop_last: bool
     threads: int
     buffer_size: int
+    collate_threads: int
     in_order: bool
     skip: bool
     pin: bool
@@ -59,7 +62,12 @@ class RunConfig:
     cuda_stream: bool  # move on a dedicated CUDA stream
     frames_dtype: torch.dtype | None = None  # uint8 frame batches become this, after the move
     skip_items: int = 0
+    skip_results: int = 0  # results of the first item already delivered (generator fetch)
     counters: dict[str, StageCounter] = field(default_factory=dict)
+
+
+async def _collect(results: Any) -> list[Any]:
+    return [r async for r in results]
 
 
 class Run:
@@ -74,7 +82,9 @@ class Run:
         # the source, pulled by the fetch threads under `_source_lock`
         self._source_lock = threading.Lock()
         self._it: Iterator[Any] | None = None
+        self._raw_it: Iterator[Any] | None = None  # `_it` before skipping: the one to close
         self._stateful = cfg.items if isinstance(cfg.items, Stateful) else None
+        self._state: dict[str, Any] | None = None  # the source's state after the latest item
         self._seq = 0
         self._source_done = False
         self._alive = cfg.threads
@@ -86,21 +96,30 @@ class Run:
         self._limit = cfg.threads + cfg.buffer_size  # items between the source and that
         self._room = threading.Condition(self._order_lock)
         self._room_waiting = 0
-        self._ready: list[Packet] = []
+        self._ready: list[Packet] = []  # the chunk being filled
         self._ready_kept = 0  # packets in `_ready` that the collate stage keeps
-        self._ready_now = False  # `_ready` holds a failure to raise: pass it on at once
+        self._chunks: list[list[Packet]] = []  # cut chunks not yet handed to the collate stage
         self._chunk = cfg.group_size or 1
-        self.out_q: queue.Queue[list[Packet] | End] = queue.Queue(
+        self._fetching = cfg.threads  # fetch threads that may still deliver
+        self.out_q: queue.Queue[tuple[int, list[Packet]] | End] = queue.Queue(
             max(1, cfg.buffer_size // self._chunk)
         )
+        self._cut = 0  # chunks cut so far: the next chunk's number
+        # collate threads pass their outputs on in chunk order (input order) under `_emit`
+        self._emit = threading.Condition()
+        self._emitted = 0  # chunks whose outputs went to the transfer stage
+        self._collating = cfg.collate_threads  # collate threads still running
         self.transfer_q: queue.Queue[Output | End] = queue.Queue(cfg.buffer_size)
         self.final_q: queue.Queue[Output | End] = queue.Queue(cfg.buffer_size)
         # thread -> (stage, item, since); items are formatted only when a timeout reports them
         self._active: dict[str, tuple[str, object, float]] = {}
+        self._local = threading.local()  # each thread's event loop, for async callables
         targets: list[tuple[str, str, Callable[[str], None]]] = []
         for i in range(cfg.threads):
             targets.append(("fetch", f"fetch-{i}", self._fetch))
-        targets += [("collate", "collate", self._collate), ("transfer", "transfer", self._transfer)]
+        for i in range(cfg.collate_threads):
+            targets.append(("collate", f"collate-{i}", self._collate))
+        targets.append(("transfer", "transfer", self._transfer))
         self.threads = [
             threading.Thread(
                 target=self._guard,
@@ -125,6 +144,19 @@ class Run:
             error.__cause__ = exc
             self.crash = error
             self.stop.set()
+        finally:
+            loop = getattr(self._local, "loop", None)
+            if loop is not None:
+                loop.close()
+
+    def _resolve(self, result: Any) -> Any:
+        """``result``, awaited on this thread's event loop when it is awaitable (async def)."""
+        if not inspect.isawaitable(result):
+            return result
+        loop = getattr(self._local, "loop", None)
+        if loop is None:
+            loop = self._local.loop = asyncio.new_event_loop()
+        return loop.run_until_complete(result)
 
     def _put(self, q: queue.Queue[Any], obj: object, counter: StageCounter) -> bool:
         start = time.monotonic()
@@ -197,10 +229,15 @@ class Run:
             self._busy(name, "source", SourceItem(seq))
             try:
                 if self._it is None:
-                    it = iter(cfg.items)
+                    it = self._raw_it = iter(cfg.items)
                     self._it = islice(it, cfg.skip_items, None) if cfg.skip_items else it
+                    if self._stateful is not None:
+                        self._state = self._stateful.state_dict()
                 item = next(self._it)
-                state = self._stateful.state_dict() if self._stateful is not None else None
+                before = self._state
+                state = self._state = (
+                    self._stateful.state_dict() if self._stateful is not None else None
+                )
             except StopIteration:
                 self._source_done = True
                 return None
@@ -214,7 +251,7 @@ class Run:
                 self._busy(name, "source", None)
             c.work(time.monotonic() - begin)
             self._seq = seq + 1
-            return Packet(seq, item, state)
+            return Packet(seq, item, state, state_before=before)
         finally:
             self._source_lock.release()
 
@@ -233,7 +270,6 @@ class Run:
 
     def _fetch(self, name: str) -> None:
         cfg, c = self.cfg, self.c["fetch"]
-        loop: asyncio.AbstractEventLoop | None = None
         try:
             while True:
                 packet = self._next_packet(name)
@@ -243,12 +279,11 @@ class Run:
                     start = time.monotonic()
                     self._busy(name, "fetch", packet.item)
                     try:
-                        result = cfg.fetch(packet.item)
-                        if inspect.isawaitable(result):
-                            if loop is None:
-                                loop = asyncio.new_event_loop()
-                            result = loop.run_until_complete(result)
-                        packet.result = result
+                        result = self._resolve(cfg.fetch(packet.item))
+                        if inspect.isgenerator(result) or inspect.isasyncgen(result):
+                            packet.result, packet.many = self._gather(result, packet.seq), True
+                        else:
+                            packet.result = result
                         c.work(time.monotonic() - start)
                     except Exception as exc:
                         c.work(time.monotonic() - start, ok=False)
@@ -256,46 +291,111 @@ class Run:
                         packet.failure = Failure("fetch", packet.item, packet.seq, exc)
                     finally:
                         self._busy(name, "fetch", None)
-                if not self._deliver(packet, flush=False):
+                if not self._deliver(packet):
                     return
-            if not self.stop.is_set() and self._deliver(None, flush=True):
-                self._put(self.out_q, END, c)
+            self._finish_fetch()
         finally:
-            if loop is not None:
-                loop.close()
             self._leave()
 
-    def _deliver(self, packet: Packet | None, *, flush: bool) -> bool:
-        """Reorder ``packet`` and pass the ready packets on, a chunk at a time (or all: flush).
+    def _gather(self, results: Any, seq: int) -> list[Any]:
+        """The results of a generator fetch (sync or async), less those a resume skips."""
+        if inspect.isasyncgen(results):
+            results = self._resolve(_collect(results))
+        got = list(results)
+        return got[self.cfg.skip_results :] if seq == 0 and self.cfg.skip_results else got
 
-        A chunk holds ``group_size`` packets that the collate stage keeps (failures to skip
-        don't count), so its batches end with the chunks; a failure to raise goes at once.
-        """
+    def _deliver(self, packet: Packet) -> bool:
+        """Reorder ``packet`` and hand the chunks it completes to the collate stage."""
         with self._order_lock:
-            if packet is not None:
-                if self.cfg.in_order:
-                    pending = self._pending
-                    pending[packet.seq] = packet
-                    while self._released in pending:
-                        self._ready_one(pending.pop(self._released))
-                else:
-                    self._ready_one(packet)
-                if self._room_waiting:
-                    self._room.notify()
-            ready = self._ready
-            if not ready or not (flush or self._ready_now or self._ready_kept >= self._chunk):
-                return True
-            self._ready, self._ready_kept, self._ready_now = [], 0, False
-            return self._put(self.out_q, ready, self.c["fetch"])
+            if self.cfg.in_order:
+                pending = self._pending
+                pending[packet.seq] = packet
+                while self._released in pending:
+                    self._ready_one(pending.pop(self._released))
+            else:
+                self._ready_one(packet)
+            if self._room_waiting:
+                self._room.notify()
+            return self._hand_chunks()
 
     def _ready_one(self, packet: Packet) -> None:
+        """Append a reordered packet to the current chunk; cut it when it is complete.
+
+        A chunk is complete with ``group_size`` packets that the collate stage keeps (failures
+        to skip don't count), so every batch is one chunk; a failure to raise ends its chunk at
+        once, so it reaches the consumer without waiting for the rest of its batch.
+        """
         # holding `_order_lock`
         self._released += 1
+        if packet.many and packet.failure is None:
+            self._ready_many(packet)
+            return
+        self._ready_part(packet)
+
+    def _ready_many(self, packet: Packet) -> None:
+        """One packet per result of a generator fetch, all but the last marked not done."""
+        # holding `_order_lock`
+        results = cast(list[Any], packet.result)
+        first = self.cfg.skip_results if packet.seq == 0 else 0
+        last = len(results) - 1
+        for j, result in enumerate(results):
+            self._ready_part(
+                Packet(
+                    packet.seq,
+                    packet.item,
+                    packet.source_state,
+                    result=result,
+                    state_before=packet.state_before,
+                    done=j == last,
+                    part=first + j + 1,
+                )
+            )
+
+    def _ready_part(self, packet: Packet) -> None:
+        # holding `_order_lock`
         self._ready.append(packet)
         if packet.failure is None:
             self._ready_kept += 1
-        elif not self.cfg.skip:
-            self._ready_now = True
+            if self._ready_kept < self._chunk:
+                return
+        elif self.cfg.skip:
+            return
+        self._cut_chunk()
+
+    def _cut_chunk(self) -> None:
+        # holding `_order_lock`
+        self._chunks.append(self._ready)
+        self._ready, self._ready_kept = [], 0
+
+    def _hand_chunks(self) -> bool:
+        """Put the cut chunks on the collate queue, numbered in order; False on stop."""
+        # holding `_order_lock`: chunks enter the queue in the order they were cut
+        if not self._chunks:
+            return True
+        chunks, self._chunks = self._chunks, []
+        for chunk in chunks:
+            if not self._put(self.out_q, (self._cut, chunk), self.c["fetch"]):
+                return False
+            self._cut += 1
+        return True
+
+    def _finish_fetch(self) -> None:
+        """A fetch thread is out of items; the last one hands on the rest and ends the stage.
+
+        Only the last one may cut the final, incomplete chunk: another thread may still be
+        fetching items that belong in it.
+        """
+        with self._order_lock:
+            self._fetching -= 1
+            if self._fetching or self.stop.is_set():
+                return
+            if self._ready:
+                self._cut_chunk()
+            if not self._hand_chunks():
+                return
+        for _ in range(self.cfg.collate_threads):
+            if not self._put(self.out_q, END, self.c["fetch"]):
+                return
 
     def _leave(self) -> None:
         """The last fetch thread to finish closes the source iterator."""
@@ -303,46 +403,80 @@ class Run:
             self._alive -= 1
             if self._alive:
                 return
-            close = getattr(self._it, "close", None)
+            close = getattr(self._raw_it, "close", None)
             if callable(close):
                 close()
 
     # -- collate, transfer --------------------------------------------------------------------
 
     def _collate(self, name: str) -> None:
+        c = self.c["collate"]
+        while True:
+            got = self._get(self.out_q, c)
+            if got is None:
+                return
+            if isinstance(got, End):
+                break
+            number, chunk = got
+            if not self._emit_outputs(number, self._collate_chunk(name, chunk)):
+                return
+        with self._emit:
+            self._collating -= 1
+            last = self._collating == 0
+        if last:  # every chunk is out: all chunks precede the END markers in the queue
+            self._put(self.transfer_q, END, c)
+
+    def _collate_chunk(self, name: str, chunk: list[Packet]) -> list[Output]:
+        """The outputs of one chunk: a batch, one output per item, or a failure to raise."""
         cfg, c = self.cfg, self.c["collate"]
-        ends = 0
+        outs: list[Output] = []
         group: list[Packet] = []
-        while ends < cfg.threads:
-            chunk = self._get(self.out_q, c)
-            if chunk is None:
-                return
-            if isinstance(chunk, End):
-                ends += 1
+        for p in chunk:
+            out: Output | None
+            if p.failure is not None:
+                if cfg.skip:
+                    continue
+                # the consumer raises here; the items before it in its batch are not delivered
+                outs.append(p.output(None, p.item, failure=p.failure))
+                return outs
+            if cfg.collate_each:
+                out = self._batch(name, [p], cast(list[Any], p.result), p.item)
+            elif cfg.group_size is None:
+                out = p.output(p.result, p.item)
+                c.work(0.0)
+            else:
+                group.append(p)
                 continue
-            for p in chunk:
-                out: Output | None
-                if p.failure is not None:
-                    if cfg.skip:
-                        continue
-                    out = Output(None, p.item, p.seq + 1, p.source_state, failure=p.failure)
-                elif cfg.collate_each:
-                    out = self._batch(name, [p], cast(list[Any], p.result), p.item)
-                elif cfg.group_size is None:
-                    out = Output(p.result, p.item, p.seq + 1, p.source_state)
-                    c.work(0.0)
-                else:
-                    group.append(p)
-                    if len(group) < cfg.group_size:
-                        continue
-                    out, group = self._group(name, group), []
-                if out is not None and not self._put(self.transfer_q, out, c):
-                    return
-        if group and not cfg.drop_last:
-            last = self._group(name, group)
-            if last is not None and not self._put(self.transfer_q, last, c):
-                return
-        self._put(self.transfer_q, END, c)
+            if out is not None:
+                outs.append(out)
+        # a whole batch, or the last, incomplete one (the final chunk)
+        if group and (len(group) == cfg.group_size or not cfg.drop_last):
+            out = self._group(name, group)
+            if out is not None:
+                outs.append(out)
+        return outs
+
+    def _emit_outputs(self, number: int, outs: list[Output]) -> bool:
+        """Pass chunk ``number``'s outputs on, after those of the chunks before it (in order).
+
+        With one collate thread chunks arrive in order and nothing waits. False on stop.
+        """
+        c, emit = self.c["collate"], self._emit
+        ordered = self.cfg.in_order and self.cfg.collate_threads > 1
+        if ordered:
+            with emit:
+                while self._emitted != number:
+                    if self.stop.is_set():
+                        return False
+                    emit.wait(_POLL_S)
+        for out in outs:
+            if not self._put(self.transfer_q, out, c):
+                return False
+        if ordered:
+            with emit:
+                self._emitted += 1
+                emit.notify_all()
+        return True
 
     def _group(self, name: str, group: list[Packet]) -> Output | None:
         return self._batch(name, group, [p.result for p in group], [p.item for p in group])
@@ -356,18 +490,18 @@ class Run:
         start = time.monotonic()
         self._busy(name, "collate", items)
         try:
-            value = cfg.collate_fn(samples)
+            value = self._resolve(cfg.collate_fn(samples))
         except Exception as exc:
             c.work(time.monotonic() - start, ok=False)
             c.error(skipped=cfg.skip)
             if cfg.skip:
                 return None
             failure = Failure("collate", items, group[0].seq, exc)
-            return Output(None, items, last.seq + 1, last.source_state, failure=failure)
+            return last.output(None, items, failure=failure)
         finally:
             self._busy(name, "collate", None)
         c.work(time.monotonic() - start)
-        return Output(value, items, last.seq + 1, last.source_state)
+        return last.output(value, items)
 
     def _transfer(self, name: str) -> None:
         cfg, c = self.cfg, self.c["transfer"]
@@ -398,7 +532,7 @@ class Run:
                     c.error(skipped=cfg.skip)
                     if cfg.skip:
                         continue
-                    out.failure = Failure("transfer", out.label, out.consumed - 1, exc)
+                    out.failure = Failure("transfer", out.label, out.seq, exc)
                 finally:
                     self._busy(name, "transfer", None)
             if not self._put(self.final_q, out, c):
