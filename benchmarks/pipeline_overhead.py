@@ -2,12 +2,15 @@
 
 A synthetic workload of N items (default 20,000), each doing about 2 ms of numpy work that
 releases the GIL (sorting) and about 0.2 ms of Python, batched by 32, on the machine's cores.
-All three run the same work with the same parallelism (2 threads, or 2 worker processes for
-the DataLoader). The machine is shared and its load drifts over minutes, so the three runners
-are interleaved for ``--rounds`` rounds (the order rotates each round) and compared by their
-median; each run also records the CPU that other processes used meanwhile (cores busy outside
-this process tree), so a disturbed run is visible. The record gives items/s per round, the
-medians and the Loader's ratio to the better of the other two.
+All run the same work with the same parallelism: 2 threads, or 2 worker processes for the
+DataLoader and for the Loader with ``executor=ProcessPoolExecutor(2)`` (``loader_processes``:
+the Loader's fetch in worker processes, a batch of items per task, started inside the timed
+run as the DataLoader's workers are). The machine is shared and its load drifts over minutes,
+so the runners are interleaved for ``--rounds`` rounds (the order rotates each round) and
+compared by their median; each run also records the CPU that other processes used meanwhile
+(cores busy outside this process tree), so a disturbed run is visible. The record gives items/s
+per round, the medians and each Loader's ratio to the better of the thread pool and the
+DataLoader.
 
 Run: ``python benchmarks/pipeline_overhead.py [--items N] [--threads T] [--rounds R]``.
 """
@@ -16,10 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import statistics
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -81,6 +85,16 @@ def main() -> None:
             count = sum(len(b["i"]) for b in loader)
         assert count == n
 
+    def run_loader_processes() -> None:
+        with (
+            ProcessPoolExecutor(threads, mp_context=mp.get_context("fork")) as pool,
+            framefeed.Loader(
+                range(n), fetch=work, batch_size=batch, threads=threads, executor=pool
+            ) as loader,
+        ):
+            count = sum(len(b["i"]) for b in loader)
+        assert count == n
+
     def run_pool() -> None:
         with ThreadPoolExecutor(threads) as pool:
             results = list(pool.map(work, range(n)))
@@ -94,6 +108,7 @@ def main() -> None:
     torch.set_num_threads(1)
     runners = {
         "loader": run_loader,
+        "loader_processes": run_loader_processes,
         "thread_pool_map": run_pool,
         "torch_dataloader": run_dataloader,
     }
@@ -108,7 +123,11 @@ def main() -> None:
     median = {k: round(statistics.median(v), 1) for k, v in rates.items()}
     best_other = max(median["thread_pool_map"], median["torch_dataloader"])
     others = zip(rates["thread_pool_map"], rates["torch_dataloader"], strict=True)
-    per_round = [round(a / max(b), 3) for a, b in zip(rates["loader"], others, strict=True)]
+    best_per_round = [max(pair) for pair in others]
+
+    def per_round(name: str) -> list[float]:
+        return [round(a / b, 3) for a, b in zip(rates[name], best_per_round, strict=True)]
+
     print(
         json.dumps(
             {
@@ -121,8 +140,12 @@ def main() -> None:
                 "items_per_s": rates,
                 "other_cores_busy": other_cores,
                 "median_items_per_s": median,
-                "loader_over_best_other_per_round": per_round,
+                "loader_over_best_other_per_round": per_round("loader"),
                 "loader_over_best_other": round(median["loader"] / best_other, 3),
+                "loader_processes_over_best_other_per_round": per_round("loader_processes"),
+                "loader_processes_over_best_other": round(
+                    median["loader_processes"] / best_other, 3
+                ),
             }
         )
     )

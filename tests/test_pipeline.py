@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
+import multiprocessing as mp
+import os
 import random
 import re
 import threading
@@ -611,6 +614,7 @@ def test_collate_of_samples_with_different_keys() -> None:
         ({"buffer_size": 2.5}, "buffer_size must be an int"),
         ({"batch_size": 3.0}, "batch_size must be an int or None"),
         ({"drop_last": True}, "drop_last=True needs batch_size"),
+        ({"pin_memory": "yes"}, "pin_memory must be True, False or None, got 'yes'"),
     ],
 )
 def test_loader_argument_types_are_checked(kwargs: dict[str, Any], message: str) -> None:
@@ -980,3 +984,135 @@ def test_loader_over_an_iterable_dataset_resumes_exactly(plain_root: Path) -> No
     assert len(rest) == len(direct) - 3
     for a, b in zip(rest, direct[3:], strict=True):
         _assert_same_batch(a, b)
+
+
+# -- fetch in an executor's worker processes -------------------------------------------------------
+
+
+def _pid_and_square(x: int) -> tuple[int, int]:
+    return os.getpid(), x * x
+
+
+def _fail_on_3_remote(x: int) -> int:
+    if x == 3:
+        raise ValueError(f"bad item {x} in a worker")
+    return x
+
+
+def _die_on_5(x: int) -> int:
+    if x == 5:
+        os._exit(3)  # a worker process that dies: the pool breaks
+    return x
+
+
+def _clips_remote(x: int) -> Iterator[int]:
+    yield from _clips(x)
+
+
+@pytest.fixture(scope="module")
+def processes() -> Iterator[concurrent.futures.ProcessPoolExecutor]:
+    with concurrent.futures.ProcessPoolExecutor(2, mp_context=mp.get_context("fork")) as pool:
+        yield pool
+
+
+def test_executor_runs_fetch_in_worker_processes(
+    processes: concurrent.futures.ProcessPoolExecutor,
+) -> None:
+    with Loader(range(40), fetch=_pid_and_square, batch_size=8, executor=processes) as loader:
+        batches = list(loader)
+        stats = {s.name: s for s in loader.stats()}
+    assert [b[1].tolist() for b in batches] == [
+        [x * x for x in range(i, i + 8)] for i in range(0, 40, 8)
+    ]
+    pids = {int(p) for b in batches for p in b[0]}
+    assert os.getpid() not in pids and 1 <= len(pids) <= 2
+    assert stats["fetch"].items == 40 and stats["collate"].items == 5
+    assert stats["fetch"].busy_s > 0
+
+
+def test_executor_errors_carry_the_worker_traceback(
+    processes: concurrent.futures.ProcessPoolExecutor,
+) -> None:
+    got: list[int] = []
+    with (
+        Loader(range(10), fetch=_fail_on_3_remote, executor=processes) as loader,
+        pytest.raises(PipelineError) as info,
+    ):
+        for x in loader:
+            got.append(x)
+    assert got == [0, 1, 2]
+    assert info.value.stage == "fetch" and info.value.item == "3"
+    cause = info.value.__cause__
+    assert isinstance(cause, ValueError) and "bad item 3 in a worker" in str(cause)
+    assert "_fail_on_3_remote" in str(cause.__cause__)  # the worker's traceback text
+    with Loader(range(10), fetch=_fail_on_3_remote, executor=processes, on_error="skip") as loader:
+        assert list(loader) == [0, 1, 2, 4, 5, 6, 7, 8, 9]
+        assert {s.name: s for s in loader.stats()}["fetch"].skipped == 1
+
+
+@pytest.mark.parametrize("stop_after", [0, 1, 4])
+def test_executor_generator_fetch_resumes_inside_an_item(
+    processes: concurrent.futures.ProcessPoolExecutor, stop_after: int
+) -> None:
+    def make() -> Loader:
+        return Loader(
+            list(range(25)),
+            fetch=_clips_remote,
+            batch_size=4,
+            collate_fn=list,
+            threads=3,
+            executor=processes,
+        )
+
+    with make() as loader:
+        everything = list(loader)
+    expected = _all_clips(range(25))
+    assert everything == [expected[i : i + 4] for i in range(0, len(expected), 4)]
+    with make() as loader:
+        first, state = _stop_after(loader, stop_after)
+    assert (state["partial"] > 0) == (stop_after in (1, 4))
+    with make() as resumed:
+        resumed.load_state_dict(state)
+        assert first + list(resumed) == everything
+
+
+def test_executor_early_break_leaves_no_threads_and_the_pool_usable(
+    processes: concurrent.futures.ProcessPoolExecutor,
+) -> None:
+    with Loader(range(1000), fetch=_pid_and_square, batch_size=4, executor=processes) as loader:
+        for i, _ in enumerate(loader):
+            if i == 2:
+                break
+    assert _framefeed_threads() == []
+    assert processes.submit(_pid_and_square, 3).result(timeout=10)[1] == 9
+
+
+def test_a_worker_that_dies_is_a_fetch_error_not_a_hang() -> None:
+    with (
+        concurrent.futures.ProcessPoolExecutor(1, mp_context=mp.get_context("fork")) as pool,
+        Loader(range(10), fetch=_die_on_5, executor=pool, timeout_s=30) as loader,
+        pytest.raises(PipelineError) as info,
+    ):
+        list(loader)
+    assert info.value.stage == "fetch"
+    assert isinstance(info.value.__cause__, concurrent.futures.process.BrokenProcessPool)
+
+
+def test_executor_needs_a_picklable_fetch_and_an_executor() -> None:
+    with (
+        concurrent.futures.ThreadPoolExecutor(1) as pool,
+        pytest.raises(ConfigError, match="fetch must be picklable"),
+    ):
+        Loader(range(3), fetch=lambda x: x, executor=pool)
+    with pytest.raises(
+        ConfigError, match=re.escape("executor must be a concurrent.futures.Executor")
+    ):
+        Loader(range(3), fetch=_pid_and_square, executor="processes")  # type: ignore[arg-type]
+
+
+def test_a_thread_executor_works_too() -> None:
+    with (
+        concurrent.futures.ThreadPoolExecutor(2) as pool,
+        Loader(range(20), fetch=_jitter, batch_size=6, collate_fn=list, executor=pool) as loader,
+    ):
+        assert list(loader) == [[x * 10 for x in range(i, min(i + 6, 20))] for i in range(0, 20, 6)]

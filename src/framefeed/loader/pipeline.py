@@ -9,6 +9,7 @@ keeps the progress of the current epoch for `Loader.state_dict`.
 
 from __future__ import annotations
 
+import concurrent.futures
 import time
 import warnings
 from collections.abc import AsyncIterable, Callable, Iterable, Iterator, Mapping, Sequence
@@ -20,6 +21,7 @@ import torch
 from ..errors import ConfigError
 from .collate import collate_any
 from .packets import End, PipelineError
+from .remote import RemoteFetch
 from .sources import BatchSource, Stateful, plan_source
 from .stages import STAGES, Run, RunConfig
 from .stats import StageCounter, StageStats, format_table
@@ -51,11 +53,17 @@ class Loader:
     since it copies on one CUDA stream). Several collate threads help a costly ``collate_fn``;
     with ``order="input"`` their outputs still leave in order.
     ``order="input"`` yields in source order, ``"completion"`` as soon as ready. ``pin_memory``
-    pins tensors (when CUDA is available) and ``device`` moves them, non-blocking, on a CUDA
+    pins tensors (when CUDA is available; by default when ``device`` is a CUDA device, since an
+    asynchronous copy needs pinned memory) and ``device`` moves them, non-blocking, on a CUDA
     stream of their own; dtypes never change, except that with ``frames_dtype`` (a floating
     dtype) batches of uint8 frames (uint8 tensors of 4 or more dimensions) become that dtype in
     [0, 1] after the move, so on a GPU the conversion runs there (without ``device`` it runs in
     the transfer thread). ``timeout_s`` bounds the wait for each output.
+    ``executor`` (a ``ProcessPoolExecutor``, say) runs ``fetch`` in its workers instead of in
+    the fetch threads, one task per chunk of items (a batch's worth when batching): for fetches
+    that spend their time in Python, which threads would run one at a time under the GIL.
+    ``fetch`` must then be picklable; each fetch thread keeps one task in flight, so give at
+    least as many threads as the executor has workers. The Loader does not shut it down.
     `set_epoch` passes the epoch on to the source and the sampler.
     """
 
@@ -71,11 +79,12 @@ class Loader:
         threads: int | Mapping[str, int] = 2,
         buffer_size: int = 4,
         order: Literal["input", "completion"] = "input",
-        pin_memory: bool = False,
+        pin_memory: bool | None = None,
         device: str | torch.device | None = None,
         frames_dtype: torch.dtype | None = None,
         on_error: Literal["raise", "skip"] = "raise",
         timeout_s: float | None = None,
+        executor: concurrent.futures.Executor | None = None,
     ) -> None:
         fetch_threads, collate_threads = _stage_threads(threads)
         if not isinstance(buffer_size, int) or isinstance(buffer_size, bool):
@@ -116,6 +125,13 @@ class Loader:
             custom_collate=collate_fn is not None,
         )
         self._collate_fn = collate_fn if collate_fn is not None else collate_any
+        if executor is not None and not isinstance(executor, concurrent.futures.Executor):
+            raise ConfigError(
+                f"executor must be a concurrent.futures.Executor (e.g. ProcessPoolExecutor), "
+                f"got {type(executor).__name__}"
+            )
+        self._executor = executor
+        self._remote = None if executor is None else RemoteFetch(self._plan.fetch)
         self._drop_last = drop_last
         self._threads = fetch_threads
         self._collate_threads = collate_threads
@@ -124,7 +140,8 @@ class Loader:
         self._skip = on_error == "skip"
         self._timeout_s = timeout_s
         cuda = torch.cuda.is_available()
-        self._pin = pin_memory and cuda
+        if pin_memory is not None and not isinstance(pin_memory, bool):
+            raise ConfigError(f"pin_memory must be True, False or None, got {pin_memory!r}")
         try:
             self._device = None if device is None else torch.device(device)
         except (RuntimeError, TypeError) as exc:
@@ -132,8 +149,10 @@ class Loader:
                 f"device must be a torch device such as 'cuda' or 'cuda:1', not {device!r}"
             ) from exc
         self._frames_dtype = frames_dtype
-        self._cuda_stream = self._device is not None and self._device.type == "cuda" and cuda
-        if self._device is not None and self._device.type == "cuda" and not cuda:
+        to_cuda = self._device is not None and self._device.type == "cuda"
+        self._pin = cuda and (to_cuda if pin_memory is None else pin_memory)
+        self._cuda_stream = to_cuda and cuda
+        if to_cuda and not cuda:
             warnings.warn(
                 f"device={device!r} but CUDA is not available: tensors stay on the CPU",
                 RuntimeWarning,
@@ -184,6 +203,8 @@ class Loader:
             frames_dtype=self._frames_dtype,
             skip_items=skip,
             skip_results=self._partial,
+            executor=self._executor,
+            remote=self._remote,
             counters=self._counters,
         )
         return self._iterate(cfg, base_consumed)

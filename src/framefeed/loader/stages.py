@@ -19,6 +19,7 @@ leaving early and errors all stop the threads promptly.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import inspect
 import queue
 import threading
@@ -31,6 +32,7 @@ from typing import Any, cast
 import torch
 
 from .packets import END, End, Failure, Output, Packet, PipelineError, SourceItem, short_repr
+from .remote import ERROR, MANY, RemoteFetch, RemoteTraceback, run_chunk
 from .sources import Stateful
 from .stats import StageCounter
 from .transfer import map_tensors, move_tensors
@@ -63,6 +65,8 @@ class RunConfig:
     frames_dtype: torch.dtype | None = None  # uint8 frame batches become this, after the move
     skip_items: int = 0
     skip_results: int = 0  # results of the first item already delivered (generator fetch)
+    executor: concurrent.futures.Executor | None = None  # run fetch there, a chunk per task
+    remote: RemoteFetch | None = None  # the fetch, pickled for the executor
     counters: dict[str, StageCounter] = field(default_factory=dict)
 
 
@@ -93,13 +97,16 @@ class Run:
         self._order_lock = threading.Lock()
         self._pending: dict[int, Packet] = {}
         self._released = 0  # items that left the reordering (input order: the next seq)
-        self._limit = cfg.threads + cfg.buffer_size  # items between the source and that
+        self._chunk = cfg.group_size or 1
+        # items between the source and the end of the reordering: with an executor each fetch
+        # thread holds a whole chunk
+        per_thread = self._chunk if cfg.executor is not None else 1
+        self._limit = cfg.threads * per_thread + cfg.buffer_size
         self._room = threading.Condition(self._order_lock)
         self._room_waiting = 0
         self._ready: list[Packet] = []  # the chunk being filled
         self._ready_kept = 0  # packets in `_ready` that the collate stage keeps
         self._chunks: list[list[Packet]] = []  # cut chunks not yet handed to the collate stage
-        self._chunk = cfg.group_size or 1
         self._fetching = cfg.threads  # fetch threads that may still deliver
         self.out_q: queue.Queue[tuple[int, list[Packet]] | End] = queue.Queue(
             max(1, cfg.buffer_size // self._chunk)
@@ -213,47 +220,70 @@ class Run:
 
     def _next_packet(self, name: str) -> Packet | None:
         """The next source item with its sequence number, or None at the end or on stop."""
-        cfg, c = self.cfg, self.c["source"]
         start = time.monotonic()
         if not self._acquire(self._source_lock):
             return None
         try:
-            if self._seq - self._released >= self._limit and not self._wait_room():
-                return None
-            begin = time.monotonic()
-            c.blocked(begin - start)
-            self.c["fetch"].queue(self._seq - self._released)
-            if self._source_done or self.stop.is_set():
-                return None
-            seq = self._seq
-            self._busy(name, "source", SourceItem(seq))
-            try:
-                if self._it is None:
-                    it = self._raw_it = iter(cfg.items)
-                    self._it = islice(it, cfg.skip_items, None) if cfg.skip_items else it
-                    if self._stateful is not None:
-                        self._state = self._stateful.state_dict()
-                item = next(self._it)
-                before = self._state
-                state = self._state = (
-                    self._stateful.state_dict() if self._stateful is not None else None
-                )
-            except StopIteration:
-                self._source_done = True
-                return None
-            except Exception as exc:
-                self._source_done = True
-                c.work(time.monotonic() - begin, ok=False)
-                c.error(skipped=False)
-                failure = Failure("source", f"<item #{seq}>", seq, exc)
-                return Packet(seq, None, None, failure=failure)
-            finally:
-                self._busy(name, "source", None)
-            c.work(time.monotonic() - begin)
-            self._seq = seq + 1
-            return Packet(seq, item, state, state_before=before)
+            return self._pull(name, start)
         finally:
             self._source_lock.release()
+
+    def _next_packets(self, name: str, n: int) -> list[Packet]:
+        """Up to ``n`` consecutive source items (fewer at the end, after a failure, on stop)."""
+        start = time.monotonic()
+        if not self._acquire(self._source_lock):
+            return []
+        packets: list[Packet] = []
+        try:
+            while len(packets) < n:
+                packet = self._pull(name, start)
+                if packet is None:
+                    break
+                packets.append(packet)
+                if packet.failure is not None:
+                    break
+                start = time.monotonic()
+        finally:
+            self._source_lock.release()
+        return packets
+
+    def _pull(self, name: str, start: float) -> Packet | None:
+        """`_next_packet`'s work, holding the source lock."""
+        cfg, c = self.cfg, self.c["source"]
+        if self._seq - self._released >= self._limit and not self._wait_room():
+            return None
+        begin = time.monotonic()
+        c.blocked(begin - start)
+        self.c["fetch"].queue(self._seq - self._released)
+        if self._source_done or self.stop.is_set():
+            return None
+        seq = self._seq
+        self._busy(name, "source", SourceItem(seq))
+        try:
+            if self._it is None:
+                it = self._raw_it = iter(cfg.items)
+                self._it = islice(it, cfg.skip_items, None) if cfg.skip_items else it
+                if self._stateful is not None:
+                    self._state = self._stateful.state_dict()
+            item = next(self._it)
+            before = self._state
+            state = self._state = (
+                self._stateful.state_dict() if self._stateful is not None else None
+            )
+        except StopIteration:
+            self._source_done = True
+            return None
+        except Exception as exc:
+            self._source_done = True
+            c.work(time.monotonic() - begin, ok=False)
+            c.error(skipped=False)
+            failure = Failure("source", f"<item #{seq}>", seq, exc)
+            return Packet(seq, None, None, failure=failure)
+        finally:
+            self._busy(name, "source", None)
+        c.work(time.monotonic() - begin)
+        self._seq = seq + 1
+        return Packet(seq, item, state, state_before=before)
 
     def _wait_room(self) -> bool:
         """Wait (holding the source lock) until an item leaves the reordering; False on stop."""
@@ -269,40 +299,98 @@ class Run:
         return True
 
     def _fetch(self, name: str) -> None:
-        cfg, c = self.cfg, self.c["fetch"]
         try:
-            while True:
-                packet = self._next_packet(name)
-                if packet is None:
-                    break
-                if packet.failure is None:
-                    start = time.monotonic()
-                    self._busy(name, "fetch", packet.item)
-                    try:
-                        result = self._resolve(cfg.fetch(packet.item))
-                        if inspect.isgenerator(result) or inspect.isasyncgen(result):
-                            packet.result, packet.many = self._gather(result, packet.seq), True
-                        else:
-                            packet.result = result
-                        c.work(time.monotonic() - start)
-                    except Exception as exc:
-                        c.work(time.monotonic() - start, ok=False)
-                        c.error(skipped=cfg.skip)
-                        packet.failure = Failure("fetch", packet.item, packet.seq, exc)
-                    finally:
-                        self._busy(name, "fetch", None)
-                if not self._deliver(packet):
-                    return
-            self._finish_fetch()
+            run = self._fetch_local if self.cfg.executor is None else self._fetch_remote
+            if run(name):
+                self._finish_fetch()
         finally:
             self._leave()
+
+    def _fetch_local(self, name: str) -> bool:
+        """Fetch items in this thread until the source ends (True) or the run stops (False)."""
+        cfg, c = self.cfg, self.c["fetch"]
+        while True:
+            packet = self._next_packet(name)
+            if packet is None:
+                return True
+            if packet.failure is None:
+                start = time.monotonic()
+                self._busy(name, "fetch", packet.item)
+                try:
+                    result = self._resolve(cfg.fetch(packet.item))
+                    if inspect.isgenerator(result) or inspect.isasyncgen(result):
+                        packet.result, packet.many = self._gather(result, packet.seq), True
+                    else:
+                        packet.result = result
+                    c.work(time.monotonic() - start)
+                except Exception as exc:
+                    c.work(time.monotonic() - start, ok=False)
+                    c.error(skipped=cfg.skip)
+                    packet.failure = Failure("fetch", packet.item, packet.seq, exc)
+                finally:
+                    self._busy(name, "fetch", None)
+            if not self._deliver(packet):
+                return False
+
+    def _fetch_remote(self, name: str) -> bool:
+        """Fetch chunks of items in the executor, one task per chunk, until the source ends."""
+        cfg, c = self.cfg, self.c["fetch"]
+        remote, executor = cfg.remote, cfg.executor
+        if remote is None or executor is None:  # the Loader sets both or neither
+            raise RuntimeError("a remote fetch needs both an executor and a pickled fetch")
+        while True:
+            packets = self._next_packets(name, self._chunk)
+            if not packets:
+                return True
+            todo = [p for p in packets if p.failure is None]
+            if todo:
+                items = [p.item for p in todo]
+                self._busy(name, "fetch", items)
+                start = time.monotonic()
+                try:
+                    future = executor.submit(run_chunk, remote.token, remote.payload, items)
+                    got = self._wait_for(future)
+                except Exception as exc:  # the task itself failed: a worker died, pickling
+                    got = ([(ERROR, exc, None)] * len(todo), time.monotonic() - start)
+                finally:
+                    self._busy(name, "fetch", None)
+                if got is None:
+                    return False
+                outcomes, seconds = got
+                for p, (kind, value, trace) in zip(todo, outcomes, strict=True):
+                    c.work(seconds / len(todo), ok=kind != ERROR)
+                    if kind == ERROR:
+                        if trace is not None:
+                            value.__cause__ = RemoteTraceback(trace)
+                        c.error(skipped=cfg.skip)
+                        p.failure = Failure("fetch", p.item, p.seq, value)
+                    elif kind == MANY:
+                        p.result, p.many = self._skip_delivered(value, p.seq), True
+                    else:
+                        p.result = value
+            for p in packets:
+                if not self._deliver(p):
+                    return False
+
+    def _wait_for(self, future: concurrent.futures.Future[Any]) -> Any:
+        """``future``'s result, or None when the run stops first (the task is abandoned)."""
+        while True:
+            try:
+                return future.result(timeout=_POLL_S)
+            except concurrent.futures.TimeoutError:
+                if self.stop.is_set():
+                    future.cancel()
+                    return None
 
     def _gather(self, results: Any, seq: int) -> list[Any]:
         """The results of a generator fetch (sync or async), less those a resume skips."""
         if inspect.isasyncgen(results):
             results = self._resolve(_collect(results))
-        got = list(results)
-        return got[self.cfg.skip_results :] if seq == 0 and self.cfg.skip_results else got
+        return self._skip_delivered(list(results), seq)
+
+    def _skip_delivered(self, results: list[Any], seq: int) -> list[Any]:
+        """``results`` of item ``seq``, less those delivered before a resume (first item)."""
+        return results[self.cfg.skip_results :] if seq == 0 and self.cfg.skip_results else results
 
     def _deliver(self, packet: Packet) -> bool:
         """Reorder ``packet`` and hand the chunks it completes to the collate stage."""

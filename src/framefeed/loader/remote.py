@@ -1,0 +1,106 @@
+"""Running a `Loader`'s fetch in an executor's worker processes, a chunk of items per task.
+
+With ``Loader(executor=...)`` each fetch thread pulls a chunk of items (a batch's worth when
+batching), submits them as one task and waits, without the GIL, for their results; the work
+itself runs in the executor's processes, so Python-heavy fetches do not share one GIL. One task
+per chunk keeps the cost of the executor (pickling, a pipe round trip, two thread wake-ups in
+the parent) to one per batch instead of one per item.
+
+`RemoteFetch` is what the parent keeps: the fetch pickled once, sent with every task, and
+unpickled once per worker process (a small per-process memo keyed by a token). `run_chunk` is
+the task; it never raises for an item: each item's outcome comes back as a `Outcome` tuple, an
+exception with the worker's traceback text, so one bad item fails (or is skipped) alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import pickle
+import time
+import traceback
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ..errors import ConfigError
+
+__all__ = ["ERROR", "MANY", "OK", "RemoteFetch", "RemoteTraceback", "run_chunk"]
+
+OK, MANY, ERROR = 0, 1, 2  # an item's outcome: a result, a generator's results, an exception
+Outcome = tuple[int, Any, str | None]  # (kind, value, the worker's traceback text for ERROR)
+
+# Per worker process: the fetches unpickled so far, by token (a process serves few loaders;
+# the memo only saves unpickling the same bytes for every task).
+_MEMO: OrderedDict[str, Callable[[Any], Any]] = OrderedDict()
+_MEMO_SIZE = 8
+
+
+class RemoteTraceback(Exception):
+    """The traceback of an exception raised in an executor's worker (the cause of the error)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class RemoteFetch:
+    """A fetch pickled once, to run in worker processes by `run_chunk`."""
+
+    def __init__(self, fetch: Callable[[Any], Any]) -> None:
+        try:
+            self.payload = pickle.dumps(fetch, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:
+            raise ConfigError(
+                f"executor: fetch must be picklable to run in worker processes, and "
+                f"{getattr(fetch, '__qualname__', type(fetch).__name__)} is not "
+                f"({type(exc).__name__}: {exc}); use a module-level function or a picklable "
+                "object"
+            ) from exc
+        self.token = uuid.uuid4().hex
+
+
+def run_chunk(token: str, payload: bytes, items: Sequence[Any]) -> tuple[list[Outcome], float]:
+    """The outcome of ``fetch(item)`` for each item, and the seconds they took together."""
+    fetch = _MEMO.get(token)
+    if fetch is None:
+        fetch = _MEMO[token] = pickle.loads(payload)
+        while len(_MEMO) > _MEMO_SIZE:
+            _MEMO.popitem(last=False)
+    start = time.perf_counter()
+    loop: asyncio.AbstractEventLoop | None = None
+    outcomes: list[Outcome] = []
+    try:
+        for item in items:
+            try:
+                result = fetch(item)
+                if inspect.isawaitable(result) or inspect.isasyncgen(result):
+                    loop = loop or asyncio.new_event_loop()
+                    if inspect.isasyncgen(result):
+                        result = loop.run_until_complete(_collect(result))
+                        outcomes.append((MANY, result, None))
+                        continue
+                    result = loop.run_until_complete(result)
+                if inspect.isgenerator(result):
+                    outcomes.append((MANY, list(result), None))
+                else:
+                    outcomes.append((OK, result, None))
+            except Exception as exc:
+                outcomes.append((ERROR, _picklable(exc), traceback.format_exc()))
+    finally:
+        if loop is not None:
+            loop.close()
+    return outcomes, time.perf_counter() - start
+
+
+async def _collect(results: Any) -> list[Any]:
+    return [r async for r in results]
+
+
+def _picklable(exc: Exception) -> Exception:
+    """``exc``, or a RuntimeError that says what it was when it cannot cross processes."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+    except Exception:
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+    return exc
