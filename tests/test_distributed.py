@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -67,3 +68,61 @@ def test_gloo_ranks_are_disjoint_complete_and_in_step(
             assert counts == total  # every sample exactly once
     if uneven == "pad":
         assert results[0]["steps"] == results[1]["steps"]
+
+
+def _map_rank_main(rank: int, root: str, port: int, out: str) -> None:
+    init_gloo(rank, WORLD, port)
+    try:
+        ds = framefeed.MapDataset(root)
+        # No rank or world size given: the sampler takes them from torch.distributed.
+        sampler = framefeed.EpisodeAwareSampler(ds.index, drop_first=1, drop_last=2, seed=3)
+        loader = DataLoader(
+            ds,
+            batch_size=4,
+            sampler=sampler,
+            num_workers=2,
+            multiprocessing_context="fork",
+            collate_fn=framefeed.collate,
+            timeout=60,
+        )
+        seen, steps = [], 0
+        for epoch in range(2):
+            sampler.set_epoch(epoch)
+            for batch in loader:
+                steps += 1
+                seen.extend((epoch, int(i)) for i in batch["index"])
+                dist.all_reduce(torch.ones(1))  # unequal step counts would hang here
+        Path(out, f"rank{rank}.json").write_text(
+            json.dumps(
+                {"rank": sampler.rank, "world": sampler.world_size, "steps": steps, "seen": seen}
+            )
+        )
+        dist.barrier()
+        ds.close()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gloo_map_style_ranks_share_the_episode_aware_order(
+    rollover_root: Path, tmp_path: Path
+) -> None:
+    mp.spawn(
+        _map_rank_main,
+        args=(str(rollover_root), free_port(), str(tmp_path)),
+        nprocs=WORLD,
+        join=True,
+    )
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    assert [(r["rank"], r["world"]) for r in results] == [(0, WORLD), (1, WORLD)]
+    assert results[0]["steps"] == results[1]["steps"]
+    with framefeed.MapDataset(rollover_root) as ds:
+        offsets = ds.index.offsets.tolist()
+    kept = {i for start, stop in itertools.pairwise(offsets) for i in range(start + 1, stop - 2)}
+    for epoch in range(2):
+        per_rank = [[i for e, i in r["seen"] if e == epoch] for r in results]
+        assert len(per_rank[0]) == len(per_rank[1]) == -(-len(kept) // WORLD)
+        assert set(per_rank[0]) | set(per_rank[1]) == kept  # jointly complete, nothing dropped
+        # disjoint, except the padding that wraps around to make the shares equal
+        assert len(set(per_rank[0]) & set(per_rank[1])) == 2 * len(per_rank[0]) - len(kept)
+    epochs = [[i for e, i in results[0]["seen"] if e == epoch] for epoch in range(2)]
+    assert epochs[0] != epochs[1]  # set_epoch reshuffled

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 from collections import Counter
 from pathlib import Path
@@ -418,6 +419,22 @@ def test_bad_seed_is_a_config_error(plain_root: Path, seed: Any) -> None:
     """Refused when the dataset is built, not a numpy ValueError at the first epoch."""
     with pytest.raises(framefeed.ConfigError, match="seed must be an int >= 0"):
         framefeed.IterableDataset(plain_root, seed=seed)
+
+
+@pytest.mark.parametrize(
+    ("rank", "world_size", "message"),
+    [
+        (1.5, 2, "rank must be an int, got 1.5"),  # was truncated to rank 1
+        (0, None, "world_size must be an int, got None"),
+        (2, 2, "rank 2 is not in [0, world_size=2)"),
+        (0, 0, "world_size must be >= 1, got 0"),
+    ],
+)
+def test_bad_rank_is_a_config_error(
+    plain_root: Path, rank: Any, world_size: Any, message: str
+) -> None:
+    with pytest.raises(framefeed.ConfigError, match=re.escape(message)):
+        framefeed.IterableDataset(plain_root, rank=rank, world_size=world_size)
 
 
 def test_negative_epoch_is_a_config_error(plain_root: Path) -> None:

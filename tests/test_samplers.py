@@ -169,7 +169,7 @@ def test_sequence_sampler_invariants(
     nonempty = {e for e, n in enumerate(lengths) if n > 0}
     if len(nonempty) < world:
         with pytest.raises(ConfigError):
-            SequenceSampler(lengths, batch_size=batch, world_size=world)
+            SequenceSampler(lengths, batch_size=batch, rank=0, world_size=world)
         return
     offsets = offsets_of(lengths)
 
@@ -207,7 +207,7 @@ def test_sequence_sampler_invariants(
         assert set().union(*seen) == nonempty
         assert max(natural_ends) == steps  # the epoch is no longer than it must be
     else:
-        full = SequenceSampler(lengths, batch_size=batch, seed=9, world_size=world)
+        full = SequenceSampler(lengths, batch_size=batch, seed=9, rank=0, world_size=world)
         full.set_epoch(epoch)
         assert steps <= len(full)
 
@@ -406,7 +406,7 @@ def test_load_state_dict_rejects_foreign_states() -> None:
         lambda: EpisodeAwareSampler([3, 4], drop_first=-1),
         lambda: EpisodeAwareSampler([3, -4]),
         lambda: SequenceSampler([3, 4], batch_size=0),
-        lambda: SequenceSampler([3, 0], batch_size=1, world_size=2),
+        lambda: SequenceSampler([3, 0], batch_size=1, rank=0, world_size=2),
     ],
 )
 def test_bad_arguments_raise_config_error(build: Callable[[], object]) -> None:
@@ -456,3 +456,44 @@ def test_a_dataset_is_not_taken_for_episode_lengths() -> None:
     with pytest.raises(ConfigError, match=r"ds\.index"):
         EpisodeAwareSampler(Dataset())
     assert Dataset.fetched == 0
+
+
+# -- rank and world size from the environment ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda **kw: ShardedShuffleSampler(40, seed=2, **kw),
+        lambda **kw: EpisodeAwareSampler(LENGTHS, seed=2, **kw),
+        lambda **kw: SequenceSampler(LENGTHS, batch_size=2, seed=2, **kw),
+        lambda **kw: WeightedSampler(
+            [list(range(10)), list(range(10, 30))], [1, 2], num_samples=20, **kw
+        ),
+    ],
+)
+def test_samplers_take_rank_and_world_size_from_the_environment(
+    make: Callable[..., EpochSampler[Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    single = make()
+    assert (single.rank, single.world_size) == (0, 1)
+    assert list(single) == list(make(rank=0, world_size=1))
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    for rank in range(3):
+        monkeypatch.setenv("RANK", str(rank))
+        sampler = make()
+        assert (sampler.rank, sampler.world_size) == (rank, 3)
+        assert list(sampler) == list(make(rank=rank, world_size=3))  # as if given
+
+
+def test_rank_arguments_are_both_or_neither_and_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ConfigError, match=r"rank must be an int, got None \(give both"):
+        ShardedShuffleSampler(10, world_size=2)
+    with pytest.raises(ConfigError, match=r"world_size must be an int, got 1\.5"):
+        ShardedShuffleSampler(10, rank=0, world_size=1.5)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"rank 2 is not in \[0, world_size=2\)"):
+        ShardedShuffleSampler(10, rank=2, world_size=2)
+    monkeypatch.setenv("RANK", "one")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="RANK='one' and WORLD_SIZE='2' must be integers"):
+        ShardedShuffleSampler(10)

@@ -35,10 +35,11 @@ from ..fields import Field
 from ..index import IndexSpec
 from ..nodecache import ColumnCache
 from ..sampling.partition import Uneven
+from ..sampling.ranks import resolve_rank
 from ..sampling.stream import Layer, StreamOrder
 from .serving import Serving
 
-__all__ = ["IterableDataset", "merge_worker_states", "resolve_rank"]
+__all__ = ["IterableDataset", "merge_worker_states"]
 
 _STATE_VERSION = 1
 SEGMENT_CACHE_BYTES = 512 << 20
@@ -50,20 +51,6 @@ FIRST_BATCH_WAIT_S = 3.0
 def _is_count(value: object) -> bool:
     """An int (not a bool) >= 0: seeds and epochs."""
     return isinstance(value, int | np.integer) and not isinstance(value, bool) and bool(value >= 0)
-
-
-def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    """Rank and world size from the arguments, ``torch.distributed``, or RANK / WORLD_SIZE."""
-    if rank is not None or world_size is not None:
-        if rank is None or world_size is None:
-            raise ConfigError("give both rank and world_size, or neither")
-        return int(rank), int(world_size)
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return int(dist.get_rank()), int(dist.get_world_size())
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    return 0, 1
 
 
 def merge_worker_states(
@@ -163,8 +150,6 @@ class IterableDataset(Serving, torch.utils.data.IterableDataset[Any]):
         if not self.dataset.storage.is_local:
             self._segment_cache_bytes = SEGMENT_CACHE_BYTES
         self.rank, self.world_size = resolve_rank(rank, world_size)
-        if not 0 <= self.rank < self.world_size:
-            raise ConfigError(f"rank {self.rank} is not in [0, world_size={self.world_size})")
         self.pool_size = episode_pool_size
         self.fetch_size = (
             fetch_size

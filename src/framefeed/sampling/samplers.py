@@ -6,6 +6,10 @@ the global RNG, and every rank computes the same global order and takes its own 
 
 All samplers follow one protocol:
 
+* ``rank`` and ``world_size``: give both, or neither to take them from ``torch.distributed``
+  (the initialised default group), else ``RANK`` / ``WORLD_SIZE``, else one process (as torch's
+  ``DistributedSampler`` does).
+
 * ``set_epoch(n)`` selects epoch ``n``'s order (call it before each epoch, as with torch's
   ``DistributedSampler``). Calling it with the epoch already set keeps a resume point.
 * ``__len__`` is exact: one iteration yields exactly ``len(sampler)`` items on every rank.
@@ -31,6 +35,7 @@ import numpy.typing as npt
 from torch.utils.data import Dataset, Sampler
 
 from ..errors import ConfigError
+from .ranks import resolve_rank
 
 __all__ = ["EpisodeAwareSampler", "ShardedShuffleSampler", "WeightedSampler"]
 
@@ -91,17 +96,13 @@ def _int_array(values: Any, what: str) -> IntArray:
     return arr.astype(np.int64)
 
 
-def check_shard(seed: int, rank: int, world_size: int) -> None:
-    """Validate the arguments every sampler shares."""
-    for name, value in (("seed", seed), ("rank", rank), ("world_size", world_size)):
-        if not _is_int(value):
-            raise ConfigError(f"{name} must be an int, got {value!r}")
+def check_shard(seed: int, rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """Validate the arguments every sampler shares; the rank and world size to use."""
+    if not _is_int(seed):
+        raise ConfigError(f"seed must be an int, got {seed!r}")
     if seed < 0:
         raise ConfigError(f"seed must be >= 0, got {seed}")
-    if world_size < 1:
-        raise ConfigError(f"world_size must be >= 1, got {world_size}")
-    if not 0 <= rank < world_size:
-        raise ConfigError(f"rank {rank} is not in [0, world_size={world_size})")
+    return resolve_rank(rank, world_size)
 
 
 def shard(order: IntArray, rank: int, world_size: int, total: int) -> IntArray:
@@ -131,11 +132,9 @@ class EpochSampler(Sampler[T], Generic[T]):
     exactly one iteration and survive a ``set_epoch`` with the same epoch.
     """
 
-    def __init__(self, *, seed: int, rank: int, world_size: int) -> None:
-        check_shard(seed, rank, world_size)
+    def __init__(self, *, seed: int, rank: int | None, world_size: int | None) -> None:
+        self.rank, self.world_size = check_shard(seed, rank, world_size)
         self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
         self._epoch = 0
         self._resume = 0  # where the next iteration starts
         self._yielded = 0  # progress of the latest iteration (or the loaded resume point)
@@ -227,8 +226,8 @@ class ShardedShuffleSampler(EpochSampler[int]):
         num_samples: int,
         *,
         seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
+        rank: int | None = None,
+        world_size: int | None = None,
         batch_size: int | None = None,
         drop_last: bool = False,
     ) -> None:
@@ -275,8 +274,8 @@ class EpisodeAwareSampler(EpochSampler[int]):
         drop_last: int = 0,
         shuffle: bool = True,
         seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
+        rank: int | None = None,
+        world_size: int | None = None,
     ) -> None:
         super().__init__(seed=seed, rank=rank, world_size=world_size)
         if drop_first < 0 or drop_last < 0:
@@ -320,8 +319,8 @@ class WeightedSampler(EpochSampler[int]):
         num_samples: int,
         replacement: bool = True,
         seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
+        rank: int | None = None,
+        world_size: int | None = None,
     ) -> None:
         super().__init__(seed=seed, rank=rank, world_size=world_size)
         self.groups = [_int_array(g, f"group {i}").reshape(-1) for i, g in enumerate(groups)]

@@ -51,8 +51,8 @@ class SequenceSampler(EpochSampler[list[int]]):
         *,
         batch_size: int,
         seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
+        rank: int | None = None,
+        world_size: int | None = None,
         drop_last: bool = False,
         shuffle: bool = True,
     ) -> None:
@@ -62,9 +62,9 @@ class SequenceSampler(EpochSampler[list[int]]):
         self.offsets = as_offsets(lengths)
         self.lengths: IntArray = np.diff(self.offsets)
         self.episodes: IntArray = np.flatnonzero(self.lengths > 0).astype(np.int64)
-        if len(self.episodes) < world_size:
+        if len(self.episodes) < self.world_size:
             raise ConfigError(
-                f"{len(self.episodes)} non-empty episodes cannot be split over {world_size} "
+                f"{len(self.episodes)} non-empty episodes cannot be split over {self.world_size} "
                 "ranks; every rank needs at least one episode (use fewer ranks)"
             )
         self.batch_size = batch_size
