@@ -117,15 +117,26 @@ def test_bench_workers_are_persistent_and_gone_after_the_run(
     assert multiprocessing.active_children() == []
 
 
-@pytest.mark.parametrize(
-    "extra",
-    [["--loader", "framefeed", "--mode", "stream"], ["--loader", "framefeed", "--workers", "2"]],
-)
-def test_bench_refuses_framefeed_loader_configurations_it_cannot_run(
-    plain_root: Path, capsys: pytest.CaptureFixture[str], extra: list[str]
+def test_bench_refuses_framefeed_loader_with_worker_processes(
+    plain_root: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["bench", str(plain_root), *extra, "--seconds", "0.1"]) == 1
+    argv = ["bench", str(plain_root), "--loader", "framefeed", "--workers", "2"]
+    assert main([*argv, "--seconds", "0.1"]) == 1
     assert "--loader framefeed" in capsys.readouterr().err
+
+
+def test_bench_framefeed_loader_over_the_streaming_dataset(
+    plain_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["bench", str(plain_root), "--loader", "framefeed", "--mode", "stream"]
+    argv += ["--batch-size", "4", "--pool", "2", "--seconds", "0.6", "--warmup", "0.2", "--json"]
+    assert main(argv) == 0
+    (record,) = _records(capsys)
+    assert record["mode"] == "stream" and record["loader"] == "framefeed"
+    assert record["samples"] > 0 and record["epochs_started"] > 1
+    stages = {row["name"]: row for row in record["stages"]}
+    assert stages["sink"]["items"] == record["batches"]
+    assert stages["source"]["busy_s"] > 0  # the dataset's own work is pulled as the source
 
 
 @pytest.fixture(scope="module")

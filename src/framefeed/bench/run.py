@@ -38,7 +38,7 @@ __all__ = ["BenchConfig", "run_bench"]
 TORCH_STAGES_NOTE = (
     "per-stage table: not available with the torch DataLoader (its stages run inside "
     "DataLoader{where}); shown instead: batch latency percentiles{engine}. Use --loader framefeed "
-    "(map mode, no workers) for the table."
+    "(one process, no workers) for the table."
 )
 
 
@@ -51,8 +51,9 @@ class BenchConfig:
     mode: Literal["map", "stream"] = "map"
     """Map-style (shuffled sampler) or streaming (episode pool)."""
     loader: Literal["torch", "framefeed"] = "torch"
-    """torch ``DataLoader`` (with ``workers`` processes) or `framefeed.Loader` (map mode, one
-    process, ``loader_threads`` fetch threads over ``MapDataset.get_batch``)."""
+    """torch ``DataLoader`` (with ``workers`` processes) or `framefeed.Loader` (one process: in
+    map mode ``loader_threads`` fetch threads over ``MapDataset.get_batch``; in stream mode the
+    Loader pulls the streaming dataset's batches, which decodes and prefetches them itself)."""
     workers: int = 0
     """DataLoader worker processes (persistent across epochs)."""
     loader_threads: int = 1
@@ -76,11 +77,6 @@ class BenchConfig:
 def _check(cfg: BenchConfig) -> None:
     if cfg.loader not in ("torch", "framefeed"):
         raise ConfigError(f"loader must be 'torch' or 'framefeed', got {cfg.loader!r}")
-    if cfg.loader == "framefeed" and cfg.mode != "map":
-        raise ConfigError(
-            "--loader framefeed reads MapDataset.get_batch: use --mode map (the streaming "
-            "dataset already prefetches in its own thread)"
-        )
     if cfg.loader == "framefeed" and cfg.workers:
         raise ConfigError(
             f"--loader framefeed runs in one process (threads), got --workers {cfg.workers}: "
@@ -196,7 +192,9 @@ def _measure(
 def _make_loader(cfg: BenchConfig, served: MapDataset | IterableDataset) -> Any:
     if cfg.loader == "framefeed":
         if not isinstance(served, MapDataset):
-            raise ConfigError("--loader framefeed needs --mode map")
+            # the dataset decodes and prefetches on its own threads; the Loader's threads
+            # take its batches in turn (its iterator is pulled under the source lock)
+            return Loader(served, threads=cfg.loader_threads)
         sampler = ShardedShuffleSampler(len(served), seed=cfg.seed)
         return Loader(
             served,
