@@ -327,8 +327,8 @@ def test_bad_arguments() -> None:
         Loader(range(3), threads=0)
     with pytest.raises(ConfigError):
         Loader(range(3), order="random")  # type: ignore[arg-type]
-    with pytest.raises(ConfigError):
-        Loader(range(3), sampler=[[0]])
+    with pytest.raises(ConfigError, match="sampler needs a source with __getitem__ and __len__"):
+        Loader(iter(range(3)), sampler=[[0]])
 
 
 def test_collate_fn_replaces_the_default_collate() -> None:
@@ -1116,3 +1116,76 @@ def test_a_thread_executor_works_too() -> None:
         Loader(range(20), fetch=_jitter, batch_size=6, collate_fn=list, executor=pool) as loader,
     ):
         assert list(loader) == [[x * 10 for x in range(i, min(i + 6, 20))] for i in range(0, 20, 6)]
+
+
+# -- a sequence read in a sampler's order ----------------------------------------------------------
+
+
+class _Squares(torch.utils.data.Dataset[dict[str, Any]]):
+    """A torch map-style dataset: ``__getitem__`` runs in the fetch threads."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.threads: set[str] = set()
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        self.threads.add(threading.current_thread().name)
+        return {"i": torch.tensor(i), "sq": torch.tensor(i * i)}
+
+
+def test_a_sequence_with_a_sampler_is_read_in_the_samplers_order() -> None:
+    words = [f"w{i}" for i in range(23)]
+    order = list(ShardedShuffleSampler(23, seed=5))
+    with Loader(
+        words,
+        sampler=ShardedShuffleSampler(23, seed=5),
+        fetch=str.upper,
+        batch_size=4,
+        collate_fn=list,
+        threads=3,
+    ) as loader:
+        got = list(loader)
+    expected = [words[i].upper() for i in order]
+    assert got == [expected[i : i + 4] for i in range(0, 23, 4)]
+
+
+def test_a_torch_dataset_with_a_sampler_and_batch_size_collates_in_fetch_threads() -> None:
+    ds = _Squares(10)
+    with Loader(ds, sampler=ShardedShuffleSampler(10, seed=1), batch_size=3) as loader:
+        batches = list(loader)
+    order = list(ShardedShuffleSampler(10, seed=1))
+    assert [b["i"].tolist() for b in batches] == [order[i : i + 3] for i in range(0, 10, 3)]
+    assert all(torch.equal(b["sq"], b["i"] ** 2) for b in batches)
+    assert ds.threads and all(name.startswith("framefeed-fetch-") for name in ds.threads)
+
+
+def test_a_sequence_with_a_batch_sampler_gives_one_output_per_index_list() -> None:
+    lengths = [5, 3, 7]
+    sampler = framefeed.SequenceSampler(lengths, batch_size=2, seed=0)
+    with Loader(_Squares(sum(lengths)), sampler=sampler, threads=2) as loader:
+        got = [b["i"].tolist() for b in loader]
+    assert got == [list(map(int, idx)) for idx in framefeed.SequenceSampler(lengths, batch_size=2)]
+
+
+@pytest.mark.parametrize("stop_after", [0, 2, 5])
+def test_a_sequence_with_a_sampler_resumes_exactly(stop_after: int) -> None:
+    def make() -> Loader:
+        return Loader(
+            list(range(100, 130)),
+            sampler=ShardedShuffleSampler(30, seed=8),
+            batch_size=4,
+            collate_fn=list,
+            threads={"fetch": 3, "collate": 2},
+        )
+
+    with make() as loader:
+        everything = list(loader)
+    with make() as loader:
+        first, state = _stop_after(loader, stop_after)
+    assert state["source"] is not None or stop_after == 0
+    with make() as resumed:
+        resumed.load_state_dict(json.loads(json.dumps(state)))
+        assert first + list(resumed) == everything

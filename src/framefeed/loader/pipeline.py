@@ -35,13 +35,17 @@ class Loader:
     """Iterate ``fetch(item)`` over ``source`` with ``threads`` threads, in bounded memory.
 
     ``source`` is any iterable of work items (indices, lists of indices, paths, ...), or an
-    async iterable (iterated on an event loop of its own). With
-    ``fetch=None`` and a dataset with ``get_batch`` (a `framefeed.MapDataset`) as source,
+    async iterable (iterated on an event loop of its own). With ``fetch=None`` and a dataset
+    with ``get_batch`` (a `framefeed.MapDataset`) as source,
     ``fetch`` is ``source.get_batch`` and the items are index lists: those of ``sampler`` when
     ``batch_size`` is None, groups of ``batch_size`` of its indices otherwise, or without a
-    sampler consecutive chunks of ``range(len(source))``. With ``fetch=None`` otherwise the
-    items pass as they are. Outside dataset mode ``batch_size`` collates that many fetched
-    samples into each output.
+    sampler consecutive chunks of ``range(len(source))``. Any other sequence (a list, a torch
+    map-style ``Dataset``: ``__getitem__`` and ``__len__``) with a ``sampler`` is read in the
+    sampler's order: each fetch thread runs ``fetch(source[i])`` (``source[i]`` when ``fetch``
+    is None), ``batch_size`` of them per output, or one output per index list of a batch
+    sampler when ``batch_size`` is None; a stateful sampler makes the resume exact. With
+    ``fetch=None`` otherwise the items pass as they are. Outside dataset mode ``batch_size``
+    collates that many fetched samples into each output.
     ``collate_fn`` replaces the default collate (framefeed's zero-copy `collate` for dict
     samples, torch's ``default_collate`` otherwise); with a dataset source it receives the
     batch's samples from ``source.__getitems__`` instead of ``get_batch``'s collated batch.

@@ -1,6 +1,8 @@
 """What a `Loader` iterates: work items, the fetch that runs on each, and how outputs collate.
 
-`plan_source` turns the ``Loader``'s arguments into a `SourcePlan`. A dataset with
+`plan_source` turns the ``Loader``'s arguments into a `SourcePlan`. A sequence (anything with
+``__getitem__`` and ``__len__``) with a ``sampler`` is read in the sampler's order, each
+``source[i]`` in a fetch thread. A dataset with
 ``get_batch`` (a `framefeed.MapDataset`) is read one index list at a time: ``get_batch`` returns
 a collated batch, or with a custom ``collate_fn`` its ``__getitems__`` returns the samples and
 the collate stage calls ``collate_fn`` on them. Any other iterable passes its items to ``fetch``
@@ -173,7 +175,7 @@ def plan_source(
             epoch_targets=targets,
         )
     if sampler is not None:
-        raise ConfigError("sampler is only used with fetch=None and a source with get_batch")
+        return _indexed_plan(source, fetch, sampler, batch_size, targets)
     if custom_collate and batch_size is None:
         raise ConfigError(
             "collate_fn needs batch_size (samples to collate per output) or a dataset source "
@@ -190,6 +192,54 @@ def plan_source(
         collate_each=False,
         epoch_targets=targets,
     )
+
+
+def _indexed_plan(
+    source: object,
+    fetch: Callable[[Any], Any] | None,
+    sampler: Iterable[Sequence[int]] | Iterable[int],
+    batch_size: int | None,
+    targets: tuple[Any, ...],
+) -> SourcePlan:
+    """A sequence read in ``sampler``'s order: ``fetch(source[i])`` in the fetch threads.
+
+    With ``batch_size`` the sampler gives indices and that many samples collate into each
+    output; without it the sampler gives index lists (a batch sampler), one output each.
+    """
+    if not (callable(getattr(source, "__getitem__", None)) and hasattr(source, "__len__")):
+        raise ConfigError(
+            f"sampler needs a source with __getitem__ and __len__ (a sequence or a map-style "
+            f"dataset), got {type(source).__name__}"
+        )
+    one = _Indexed(source, fetch if fetch is not None else _identity)
+    return SourcePlan(
+        items=sampler,
+        fetch=one if batch_size is not None else _IndexedLists(one),
+        group_size=batch_size,
+        collate_each=batch_size is None,
+        epoch_targets=targets,
+    )
+
+
+class _Indexed:
+    """``fetch(source[i])``: a class rather than a closure, so an executor can pickle it."""
+
+    def __init__(self, source: Any, fetch: Callable[[Any], Any]) -> None:
+        self.source = source
+        self.fetch = fetch
+
+    def __call__(self, index: int) -> Any:
+        return self.fetch(self.source[int(index)])
+
+
+class _IndexedLists:
+    """The samples of one index list, each through `_Indexed`."""
+
+    def __init__(self, one: _Indexed) -> None:
+        self.one = one
+
+    def __call__(self, indices: Sequence[int]) -> list[Any]:
+        return [self.one(i) for i in indices]
 
 
 def _samples_of(source: BatchSource) -> Callable[[Sequence[int]], list[Any]]:
