@@ -21,6 +21,7 @@ __all__ = [
     "PipelineError",
     "SourceItem",
     "short_repr",
+    "skip_delivered",
 ]
 
 
@@ -39,6 +40,14 @@ def short_repr(item: object, limit: int = 80) -> str:
     """``repr(item)``, cut to ``limit`` characters (ending in ``...`` when cut)."""
     text = repr(item)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def skip_delivered(results: list[Any], seq: int, skip_results: int) -> list[Any]:
+    """``results`` of source item ``seq``, less the ``skip_results`` a resume already delivered.
+
+    Only the first item of a resumed iteration (``seq == 0``) can have been partly delivered.
+    """
+    return results[skip_results:] if seq == 0 and skip_results else results
 
 
 @dataclass

@@ -8,8 +8,9 @@ the parent) to one per batch instead of one per item.
 
 `RemoteFetch` is what the parent keeps: the fetch pickled once, sent with every task, and
 unpickled once per worker process (a small per-process memo keyed by a token). `run_chunk` is
-the task; it never raises for an item: each item's outcome comes back as a `Outcome` tuple, an
-exception with the worker's traceback text, so one bad item fails (or is skipped) alone.
+the task; it never raises for an item: each item's outcome comes back as an ``Outcome`` tuple
+(a failure as the exception with the worker's traceback text), so one bad item fails (or is
+skipped) alone, and `settle` records the outcomes on the items' packets in the parent.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..errors import ConfigError
+from .packets import Failure, Packet, skip_delivered
+from .stats import StageCounter
 
-__all__ = ["ERROR", "MANY", "OK", "RemoteFetch", "RemoteTraceback", "run_chunk"]
+__all__ = ["ERROR", "MANY", "OK", "RemoteFetch", "RemoteTraceback", "run_chunk", "settle"]
 
 OK, MANY, ERROR = 0, 1, 2  # an item's outcome: a result, a generator's results, an exception
 Outcome = tuple[int, Any, str | None]  # (kind, value, the worker's traceback text for ERROR)
@@ -91,6 +94,29 @@ def run_chunk(token: str, payload: bytes, items: Sequence[Any]) -> tuple[list[Ou
         if loop is not None:
             loop.close()
     return outcomes, time.perf_counter() - start
+
+
+def settle(
+    packets: Sequence[Packet],
+    outcomes: Sequence[Outcome],
+    seconds: float,
+    *,
+    counter: StageCounter,
+    skip: bool,
+    skip_results: int,
+) -> None:
+    """Record each item's outcome on its packet (in the parent) and count it in the stats."""
+    for p, (kind, value, trace) in zip(packets, outcomes, strict=True):
+        counter.work(seconds / len(packets), ok=kind != ERROR)
+        if kind == ERROR:
+            if trace is not None:
+                value.__cause__ = RemoteTraceback(trace)
+            counter.error(skipped=skip)
+            p.failure = Failure("fetch", p.item, p.seq, value)
+        elif kind == MANY:
+            p.result, p.many = skip_delivered(value, p.seq, skip_results), True
+        else:
+            p.result = value
 
 
 async def _collect(results: Any) -> list[Any]:

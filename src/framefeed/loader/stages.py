@@ -2,14 +2,15 @@
 
 ``threads`` fetch threads pull work items from the source themselves, one at a time under a
 lock that also numbers them, and run ``fetch`` on them (an ``async def`` fetch runs on a
-per-thread event loop); they put the results back in input order (when asked) under a second
-lock and cut them into chunks, one batch's worth of items each when batching (one item each
-otherwise), so a collate thread wakes once per batch rather than once per item and every chunk
-collates on its own. ``collate_threads`` threads collate chunks and pass the outputs on in
-chunk order (when asked); one thread pins and moves tensors to the device on its own CUDA
-stream. At most ``threads + buffer_size`` items are between the source and the end of the
-reordering, so a slow item never lets the reorder buffer grow without bound; stages after it
-are joined by bounded queues.
+per-thread event loop, an ``executor`` runs it in worker processes a chunk of items at a time);
+they put the results back in input order (when asked) and cut them into chunks, one batch's
+worth of items each when batching (one item each otherwise; `reorder.Reorder`), so a collate
+thread wakes once per batch rather than once per item and every chunk collates on its own.
+``collate_threads`` threads collate chunks and pass the outputs on in chunk order (when asked);
+one thread pins and moves tensors to the device on its own CUDA stream. At most ``threads +
+buffer_size`` items (``threads`` chunks + ``buffer_size`` with an executor) are between the
+source and the end of the reordering, so a slow item never lets the reorder buffer grow without
+bound; stages after it are joined by bounded queues.
 
 Errors travel down the pipeline with the item that caused them (`Failure`) and the consumer
 re-raises them in input order. Every wait polls a stop event, so `Run.close`, the consumer
@@ -31,8 +32,19 @@ from typing import Any, cast
 
 import torch
 
-from .packets import END, End, Failure, Output, Packet, PipelineError, SourceItem, short_repr
-from .remote import ERROR, MANY, RemoteFetch, RemoteTraceback, run_chunk
+from .packets import (
+    END,
+    End,
+    Failure,
+    Output,
+    Packet,
+    PipelineError,
+    SourceItem,
+    short_repr,
+    skip_delivered,
+)
+from .remote import ERROR, RemoteFetch, run_chunk, settle
+from .reorder import Reorder
 from .sources import Stateful
 from .stats import StageCounter
 from .transfer import map_tensors, move_tensors
@@ -92,26 +104,20 @@ class Run:
         self._seq = 0
         self._source_done = False
         self._alive = cfg.threads
-        # reordering, done by the fetch threads under `_order_lock`; ready packets go to the
-        # collate stage in chunks (a batch's worth when batching), waking it once per chunk
-        self._order_lock = threading.Lock()
-        self._pending: dict[int, Packet] = {}
-        self._released = 0  # items that left the reordering (input order: the next seq)
+        # reordering and chunking, done by the fetch threads under `_order.lock`; chunks go to
+        # the collate stage whole (a batch's worth when batching), waking it once per chunk
         self._chunk = cfg.group_size or 1
+        self._order = Reorder(
+            in_order=cfg.in_order, chunk=self._chunk, skip=cfg.skip, skip_results=cfg.skip_results
+        )
         # items between the source and the end of the reordering: with an executor each fetch
         # thread holds a whole chunk
         per_thread = self._chunk if cfg.executor is not None else 1
         self._limit = cfg.threads * per_thread + cfg.buffer_size
-        self._room = threading.Condition(self._order_lock)
-        self._room_waiting = 0
-        self._ready: list[Packet] = []  # the chunk being filled
-        self._ready_kept = 0  # packets in `_ready` that the collate stage keeps
-        self._chunks: list[list[Packet]] = []  # cut chunks not yet handed to the collate stage
         self._fetching = cfg.threads  # fetch threads that may still deliver
         self.out_q: queue.Queue[tuple[int, list[Packet]] | End] = queue.Queue(
             max(1, cfg.buffer_size // self._chunk)
         )
-        self._cut = 0  # chunks cut so far: the next chunk's number
         # collate threads pass their outputs on in chunk order (input order) under `_emit`
         self._emit = threading.Condition()
         self._emitted = 0  # chunks whose outputs went to the transfer stage
@@ -250,11 +256,11 @@ class Run:
     def _pull(self, name: str, start: float) -> Packet | None:
         """`_next_packet`'s work, holding the source lock."""
         cfg, c = self.cfg, self.c["source"]
-        if self._seq - self._released >= self._limit and not self._wait_room():
+        if self._seq - self._order.released >= self._limit and not self._wait_room():
             return None
         begin = time.monotonic()
         c.blocked(begin - start)
-        self.c["fetch"].queue(self._seq - self._released)
+        self.c["fetch"].queue(self._seq - self._order.released)
         if self._source_done or self.stop.is_set():
             return None
         seq = self._seq
@@ -287,15 +293,15 @@ class Run:
 
     def _wait_room(self) -> bool:
         """Wait (holding the source lock) until an item leaves the reordering; False on stop."""
-        with self._room:
-            self._room_waiting += 1
+        with self._order.room:
+            self._order.room_waiting += 1
             try:
-                while self._seq - self._released >= self._limit:
+                while self._seq - self._order.released >= self._limit:
                     if self.stop.is_set():
                         return False
-                    self._room.wait(_POLL_S)
+                    self._order.room.wait(_POLL_S)
             finally:
-                self._room_waiting -= 1
+                self._order.room_waiting -= 1
         return True
 
     def _fetch(self, name: str) -> None:
@@ -356,18 +362,7 @@ class Run:
                     self._busy(name, "fetch", None)
                 if got is None:
                     return False
-                outcomes, seconds = got
-                for p, (kind, value, trace) in zip(todo, outcomes, strict=True):
-                    c.work(seconds / len(todo), ok=kind != ERROR)
-                    if kind == ERROR:
-                        if trace is not None:
-                            value.__cause__ = RemoteTraceback(trace)
-                        c.error(skipped=cfg.skip)
-                        p.failure = Failure("fetch", p.item, p.seq, value)
-                    elif kind == MANY:
-                        p.result, p.many = self._skip_delivered(value, p.seq), True
-                    else:
-                        p.result = value
+                settle(todo, *got, counter=c, skip=cfg.skip, skip_results=cfg.skip_results)
             for p in packets:
                 if not self._deliver(p):
                     return False
@@ -386,85 +381,23 @@ class Run:
         """The results of a generator fetch (sync or async), less those a resume skips."""
         if inspect.isasyncgen(results):
             results = self._resolve(_collect(results))
-        return self._skip_delivered(list(results), seq)
-
-    def _skip_delivered(self, results: list[Any], seq: int) -> list[Any]:
-        """``results`` of item ``seq``, less those delivered before a resume (first item)."""
-        return results[self.cfg.skip_results :] if seq == 0 and self.cfg.skip_results else results
+        return skip_delivered(list(results), seq, self.cfg.skip_results)
 
     def _deliver(self, packet: Packet) -> bool:
         """Reorder ``packet`` and hand the chunks it completes to the collate stage."""
-        with self._order_lock:
-            if self.cfg.in_order:
-                pending = self._pending
-                pending[packet.seq] = packet
-                while self._released in pending:
-                    self._ready_one(pending.pop(self._released))
-            else:
-                self._ready_one(packet)
-            if self._room_waiting:
-                self._room.notify()
-            return self._hand_chunks()
+        order = self._order
+        with order.lock:
+            order.add(packet)
+            return self._hand_chunks(order.take())
 
-    def _ready_one(self, packet: Packet) -> None:
-        """Append a reordered packet to the current chunk; cut it when it is complete.
-
-        A chunk is complete with ``group_size`` packets that the collate stage keeps (failures
-        to skip don't count), so every batch is one chunk; a failure to raise ends its chunk at
-        once, so it reaches the consumer without waiting for the rest of its batch.
-        """
-        # holding `_order_lock`
-        self._released += 1
-        if packet.many and packet.failure is None:
-            self._ready_many(packet)
-            return
-        self._ready_part(packet)
-
-    def _ready_many(self, packet: Packet) -> None:
-        """One packet per result of a generator fetch, all but the last marked not done."""
-        # holding `_order_lock`
-        results = cast(list[Any], packet.result)
-        first = self.cfg.skip_results if packet.seq == 0 else 0
-        last = len(results) - 1
-        for j, result in enumerate(results):
-            self._ready_part(
-                Packet(
-                    packet.seq,
-                    packet.item,
-                    packet.source_state,
-                    result=result,
-                    state_before=packet.state_before,
-                    done=j == last,
-                    part=first + j + 1,
-                )
-            )
-
-    def _ready_part(self, packet: Packet) -> None:
-        # holding `_order_lock`
-        self._ready.append(packet)
-        if packet.failure is None:
-            self._ready_kept += 1
-            if self._ready_kept < self._chunk:
-                return
-        elif self.cfg.skip:
-            return
-        self._cut_chunk()
-
-    def _cut_chunk(self) -> None:
-        # holding `_order_lock`
-        self._chunks.append(self._ready)
-        self._ready, self._ready_kept = [], 0
-
-    def _hand_chunks(self) -> bool:
-        """Put the cut chunks on the collate queue, numbered in order; False on stop."""
-        # holding `_order_lock`: chunks enter the queue in the order they were cut
-        if not self._chunks:
-            return True
-        chunks, self._chunks = self._chunks, []
+    def _hand_chunks(self, chunks: list[list[Packet]]) -> bool:
+        """Put ``chunks`` on the collate queue, numbered in order; False on stop."""
+        # holding `_order.lock`: chunks enter the queue in the order they were cut
+        order = self._order
         for chunk in chunks:
-            if not self._put(self.out_q, (self._cut, chunk), self.c["fetch"]):
+            if not self._put(self.out_q, (order.cut, chunk), self.c["fetch"]):
                 return False
-            self._cut += 1
+            order.cut += 1
         return True
 
     def _finish_fetch(self) -> None:
@@ -473,13 +406,11 @@ class Run:
         Only the last one may cut the final, incomplete chunk: another thread may still be
         fetching items that belong in it.
         """
-        with self._order_lock:
+        with self._order.lock:
             self._fetching -= 1
             if self._fetching or self.stop.is_set():
                 return
-            if self._ready:
-                self._cut_chunk()
-            if not self._hand_chunks():
+            if not self._hand_chunks(self._order.finish()):
                 return
         for _ in range(self.cfg.collate_threads):
             if not self._put(self.out_q, END, self.c["fetch"]):
