@@ -127,6 +127,28 @@ def test_source_error_is_reported() -> None:
     assert isinstance(info.value.__cause__, RuntimeError)
 
 
+@pytest.mark.parametrize("batch_size", [None, 2])
+def test_a_source_error_is_raised_also_when_skipping(batch_size: int | None) -> None:
+    """Skipping it would end the epoch early without a word: the source cannot go on."""
+
+    def source() -> Iterator[int]:
+        yield from range(5)
+        raise RuntimeError("listing broke")
+
+    got: list[Any] = []
+    with (
+        Loader(source(), batch_size=batch_size, on_error="skip", threads=2) as loader,
+        pytest.raises(PipelineError) as info,
+    ):
+        for out in loader:
+            got.append(out)
+    assert info.value.stage == "source" and "listing broke" in str(info.value)
+    if batch_size is None:
+        assert got == [0, 1, 2, 3, 4]
+    else:  # the whole batches before it; item 4's batch ends with the error
+        assert [b.tolist() for b in got] == [[0, 1], [2, 3]]
+
+
 def test_long_item_repr_is_truncated() -> None:
     def fail(item: list[int]) -> None:
         raise KeyError("nope")

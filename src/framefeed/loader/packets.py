@@ -59,6 +59,14 @@ class Failure:
     seq: int
     error: BaseException
 
+    @property
+    def skippable(self) -> bool:
+        """Whether ``on_error="skip"`` may drop it: not a failing source, which ends the data.
+
+        Skipping a source failure would end the epoch early without a word.
+        """
+        return self.stage != "source"
+
     def to_error(self) -> PipelineError:
         item = short_repr(self.item)
         error = PipelineError(

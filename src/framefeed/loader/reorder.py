@@ -97,7 +97,7 @@ class Reorder:
             self._ready_kept += 1
             if self._ready_kept < self.chunk:
                 return
-        elif self.skip:
+        elif self.skip and packet.failure.skippable:
             return
         self._cut_chunk()
 

@@ -453,7 +453,7 @@ class Run:
         for p in chunk:
             out: Output | None
             if p.failure is not None:
-                if cfg.skip:
+                if cfg.skip and p.failure.skippable:
                     continue
                 # the consumer raises here; the items before it in its batch are not delivered
                 outs.append(p.output(None, p.item, failure=p.failure))
