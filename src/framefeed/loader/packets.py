@@ -106,10 +106,8 @@ class Packet:
     def output(self, value: object, label: object, failure: Failure | None = None) -> Output:
         """An output that ends with this packet, with the progress it stands for."""
         if self.done:
-            return Output(value, label, self.seq + 1, self.source_state, failure, seq=self.seq)
-        return Output(
-            value, label, self.seq, self.state_before, failure, seq=self.seq, partial=self.part
-        )
+            return Output(value, label, self.seq + 1, self.source_state, failure)
+        return Output(value, label, self.seq, self.state_before, failure, partial=self.part)
 
 
 @dataclass
@@ -121,8 +119,12 @@ class Output:
     consumed: int  # source items consumed by this output and those before it (input order)
     source_state: dict[str, Any] | None
     failure: Failure | None = None
-    seq: int = 0  # the source item it ends with
     partial: int = 0  # results of the next item already delivered (a generator fetch)
+
+    @property
+    def seq(self) -> int:
+        """The source item this output ends with: the last consumed one, or the partial one."""
+        return self.consumed if self.partial else self.consumed - 1
 
 
 class SourceItem:

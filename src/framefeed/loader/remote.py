@@ -29,7 +29,16 @@ from ..errors import ConfigError
 from .packets import Failure, Packet, skip_delivered
 from .stats import StageCounter
 
-__all__ = ["ERROR", "MANY", "OK", "RemoteFetch", "RemoteTraceback", "run_chunk", "settle"]
+__all__ = [
+    "ERROR",
+    "MANY",
+    "OK",
+    "RemoteFetch",
+    "RemoteTraceback",
+    "run_chunk",
+    "run_fetch",
+    "settle",
+]
 
 OK, MANY, ERROR = 0, 1, 2  # an item's outcome: a result, a generator's results, an exception
 Outcome = tuple[int, Any, str | None]  # (kind, value, the worker's traceback text for ERROR)
@@ -71,29 +80,43 @@ def run_chunk(token: str, payload: bytes, items: Sequence[Any]) -> tuple[list[Ou
         while len(_MEMO) > _MEMO_SIZE:
             _MEMO.popitem(last=False)
     start = time.perf_counter()
-    loop: asyncio.AbstractEventLoop | None = None
+    loops: list[asyncio.AbstractEventLoop] = []  # one for the chunk, made when first needed
+
+    def loop() -> asyncio.AbstractEventLoop:
+        if not loops:
+            loops.append(asyncio.new_event_loop())
+        return loops[0]
+
     outcomes: list[Outcome] = []
     try:
         for item in items:
             try:
-                result = fetch(item)
-                if inspect.isawaitable(result) or inspect.isasyncgen(result):
-                    loop = loop or asyncio.new_event_loop()
-                    if inspect.isasyncgen(result):
-                        result = loop.run_until_complete(_collect(result))
-                        outcomes.append((MANY, result, None))
-                        continue
-                    result = loop.run_until_complete(result)
-                if inspect.isgenerator(result):
-                    outcomes.append((MANY, list(result), None))
-                else:
-                    outcomes.append((OK, result, None))
+                many, value = run_fetch(fetch, item, loop)
+                outcomes.append((MANY if many else OK, value, None))
             except Exception as exc:
                 outcomes.append((ERROR, _picklable(exc), traceback.format_exc()))
     finally:
-        if loop is not None:
-            loop.close()
+        for lp in loops:
+            lp.close()
     return outcomes, time.perf_counter() - start
+
+
+def run_fetch(
+    fetch: Callable[[Any], Any], item: Any, loop: Callable[[], asyncio.AbstractEventLoop]
+) -> tuple[bool, Any]:
+    """``(many, value)``: ``fetch(item)``, awaited on ``loop()`` when it is ``async def``.
+
+    A generator or async generator fetch gives ``many=True`` and the list of its results. The
+    fetch threads and the executor's workers both call this, so a fetch means the same in both.
+    """
+    result = fetch(item)
+    if inspect.isawaitable(result):
+        result = loop().run_until_complete(result)
+    if inspect.isasyncgen(result):
+        return True, loop().run_until_complete(_collect(result))
+    if inspect.isgenerator(result):
+        return True, list(result)
+    return False, result
 
 
 def settle(

@@ -43,7 +43,7 @@ from .packets import (
     short_repr,
     skip_delivered,
 )
-from .remote import ERROR, RemoteFetch, run_chunk, settle
+from .remote import ERROR, RemoteFetch, run_chunk, run_fetch, settle
 from .reorder import Reorder
 from .sources import Stateful
 from .stats import StageCounter
@@ -80,10 +80,6 @@ class RunConfig:
     executor: concurrent.futures.Executor | None = None  # run fetch there, a chunk per task
     remote: RemoteFetch | None = None  # the fetch, pickled for the executor
     counters: dict[str, StageCounter] = field(default_factory=dict)
-
-
-async def _collect(results: Any) -> list[Any]:
-    return [r async for r in results]
 
 
 class Run:
@@ -162,14 +158,16 @@ class Run:
             if loop is not None:
                 loop.close()
 
-    def _resolve(self, result: Any) -> Any:
-        """``result``, awaited on this thread's event loop when it is awaitable (async def)."""
-        if not inspect.isawaitable(result):
-            return result
+    def _loop(self) -> asyncio.AbstractEventLoop:
+        """This thread's event loop, for async callables (made when first needed)."""
         loop = getattr(self._local, "loop", None)
         if loop is None:
             loop = self._local.loop = asyncio.new_event_loop()
-        return loop.run_until_complete(result)
+        return loop
+
+    def _resolve(self, result: Any) -> Any:
+        """``result``, awaited on this thread's event loop when it is awaitable (async def)."""
+        return self._loop().run_until_complete(result) if inspect.isawaitable(result) else result
 
     def _put(self, q: queue.Queue[Any], obj: object, counter: StageCounter) -> bool:
         start = time.monotonic()
@@ -323,11 +321,10 @@ class Run:
                 start = time.monotonic()
                 self._busy(name, "fetch", packet.item)
                 try:
-                    result = self._resolve(cfg.fetch(packet.item))
-                    if inspect.isgenerator(result) or inspect.isasyncgen(result):
-                        packet.result, packet.many = self._gather(result, packet.seq), True
-                    else:
-                        packet.result = result
+                    many, value = run_fetch(cfg.fetch, packet.item, self._loop)
+                    if many:
+                        value = skip_delivered(value, packet.seq, cfg.skip_results)
+                    packet.result, packet.many = value, many
                     c.work(time.monotonic() - start)
                 except Exception as exc:
                     c.work(time.monotonic() - start, ok=False)
@@ -376,12 +373,6 @@ class Run:
                 if self.stop.is_set():
                     future.cancel()
                     return None
-
-    def _gather(self, results: Any, seq: int) -> list[Any]:
-        """The results of a generator fetch (sync or async), less those a resume skips."""
-        if inspect.isasyncgen(results):
-            results = self._resolve(_collect(results))
-        return skip_delivered(list(results), seq, self.cfg.skip_results)
 
     def _deliver(self, packet: Packet) -> bool:
         """Reorder ``packet`` and hand the chunks it completes to the collate stage."""
